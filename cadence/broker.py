@@ -1,0 +1,41 @@
+"""The broker and the one actor: Redis when REDIS_URL is set, else Dramatiq's in-process stub broker."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.brokers.stub import StubBroker
+
+#: Queue that carries touch ids to workers.
+QUEUE = "touches"
+#: Broker retries after a transient delivery error (the touch's own attempt count also caps them).
+MAX_RETRIES = 4
+#: Milliseconds before the first retry; Dramatiq doubles it each time.
+MIN_BACKOFF_MS = 2_000
+#: Milliseconds one send may take before the worker gives up on it.
+TIME_LIMIT_MS = 120_000
+
+
+def create_broker(redis_url: str | None) -> dramatiq.Broker:
+    broker: dramatiq.Broker = RedisBroker(url=redis_url) if redis_url else StubBroker()
+    return broker
+
+
+def declare_dispatch(broker: dramatiq.Broker, dispatch: Callable[[int], Any]) -> dramatiq.Actor[Any, Any]:
+    """The actor that sends one touch; the message carries only the touch id, the database has the rest."""
+
+    def dispatch_touch(touch_id: int) -> None:
+        dispatch(touch_id)
+
+    return dramatiq.actor(
+        dispatch_touch,
+        broker=broker,
+        actor_name="dispatch_touch",
+        queue_name=QUEUE,
+        max_retries=MAX_RETRIES,
+        min_backoff=MIN_BACKOFF_MS,
+        time_limit=TIME_LIMIT_MS,
+    )

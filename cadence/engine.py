@@ -1,0 +1,389 @@
+"""The engine: events enroll contacts and deals, outcomes and deal changes end or move enrollments, steps get planned.
+
+Every function here works inside one database session handed in by the caller, so a caller's transaction is
+the unit of change: an event either has all its effects or none.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Session, col, select
+
+from cadence import sandbox, timing
+from cadence.events import ContactData, DealData, Event
+from cadence.language import CadenceSpec, parse
+from cadence.models import (
+    CadenceVersion,
+    CallTask,
+    Contact,
+    Deal,
+    Enrollment,
+    EnrollmentStatus,
+    Outcome,
+    Touch,
+    TouchStatus,
+)
+from cadence.rules import RuleSet
+
+log = logging.getLogger(__name__)
+
+_CONTACT_COLUMNS = ("name", "email", "phone", "timezone", "country", "address")
+_DEAL_COLUMNS = ("title", "stage", "status", "amount", "currency", "owner", "probability")
+#: Contact keys every template can rely on (None when the CRM did not send them).
+_CONTACT_KEYS = ("name", "first_name", "email", "phone", "company", "title", "address", "timezone", "country")
+
+
+class EngineError(Exception):
+    """A request the engine cannot carry out; `field` names the input at fault."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class Effects:
+    """What one event or outcome changed, for the caller's answer and logs."""
+
+    enrolled: list[int] = field(default_factory=list)
+    ended: list[int] = field(default_factory=list)
+
+
+def contact_view(contact: Contact) -> dict[str, Any]:
+    view: dict[str, Any] = dict.fromkeys(_CONTACT_KEYS)
+    view.update(contact.attributes)
+    view.update({c: getattr(contact, c) for c in _CONTACT_COLUMNS})
+    if not view.get("first_name") and contact.name:
+        view["first_name"] = contact.name.split()[0]
+    view["id"] = contact.id
+    view["external_id"] = contact.external_id
+    return view
+
+
+def deal_view(deal: Deal | None) -> dict[str, Any] | None:
+    if deal is None:
+        return None
+    view: dict[str, Any] = dict(deal.attributes)
+    view.update({c: getattr(deal, c) for c in _DEAL_COLUMNS})
+    view["id"] = deal.id
+    view["external_id"] = deal.external_id
+    return view
+
+
+def enrollment_view(enrollment: Enrollment) -> dict[str, Any]:
+    return {
+        "id": enrollment.id,
+        "cadence": enrollment.cadence_name,
+        "status": enrollment.status,
+        "started_at": enrollment.started_at,
+    }
+
+
+@lru_cache(maxsize=256)
+def _spec_from_text(text: str, file: str) -> CadenceSpec:
+    return parse(text, file).spec
+
+
+class Engine:
+    """Decisions about enrollments and touches; the rules come from a provider so reloads are seen at once."""
+
+    def __init__(self, rules: Callable[[], RuleSet], default_timezone: str) -> None:
+        self._rules = rules
+        self.default_timezone = default_timezone
+
+    # --- versions -------------------------------------------------------------------------------------------
+
+    def spec_of(self, s: Session, enrollment: Enrollment) -> CadenceSpec:
+        """The cadence version the enrollment started on, whatever the rules say now."""
+        version = s.get(CadenceVersion, enrollment.cadence_version_id)
+        assert version is not None
+        return _spec_from_text(version.yaml_text, version.file)
+
+    def _current_version(self, s: Session, name: str, now: datetime) -> CadenceVersion:
+        parsed = self._rules().cadences[name]
+        found = s.exec(
+            select(CadenceVersion).where(
+                CadenceVersion.name == name, CadenceVersion.content_hash == parsed.content_hash
+            )
+        ).first()
+        if found:
+            return found
+        version = CadenceVersion(
+            name=name, content_hash=parsed.content_hash, yaml_text=parsed.text, file=parsed.file, created_at=now
+        )
+        s.add(version)
+        s.flush()
+        return version
+
+    # --- events ---------------------------------------------------------------------------------------------
+
+    def handle_event(self, s: Session, source: str, event: Event, now: datetime) -> Effects:
+        effects = Effects()
+        deal = self._find_deal(s, source, event.deal) if event.deal else None
+        if event.contact is not None:
+            contact = self._upsert_contact(s, source, event.contact, now)
+        elif deal is not None and deal.contact_id is not None:
+            contact = s.get(Contact, deal.contact_id)
+            assert contact is not None
+        else:
+            raise EngineError("a deal seen for the first time needs its `contact`", field="contact")
+        if event.deal is not None:
+            deal = self._upsert_deal(s, source, event.deal, contact, deal, now)
+            if event.type in ("deal.won", "deal.lost"):
+                deal.status = event.type.removeprefix("deal.")
+        s.flush()
+        self.review(s, contact, now, effects)
+        self._enroll_matching(s, event, contact, deal, now, effects)
+        return effects
+
+    def _upsert_contact(self, s: Session, source: str, data: ContactData, now: datetime) -> Contact:
+        contact = s.exec(
+            select(Contact).where(Contact.source == source, Contact.external_id == data.id)
+        ).first()
+        if contact is None:
+            contact = Contact(source=source, external_id=data.id, created_at=now, updated_at=now)
+            s.add(contact)
+        for column in _CONTACT_COLUMNS:
+            value = getattr(data, column)
+            if value is not None:
+                setattr(contact, column, value)
+        contact.attributes = {**contact.attributes, **(data.model_extra or {})}
+        contact.updated_at = now
+        s.flush()
+        return contact
+
+    def _find_deal(self, s: Session, source: str, data: DealData) -> Deal | None:
+        return s.exec(select(Deal).where(Deal.source == source, Deal.external_id == data.id)).first()
+
+    def _upsert_deal(
+        self, s: Session, source: str, data: DealData, contact: Contact, deal: Deal | None, now: datetime
+    ) -> Deal:
+        if deal is None:
+            deal = Deal(source=source, external_id=data.id, created_at=now, updated_at=now)
+            s.add(deal)
+        deal.contact_id = contact.id
+        for column in _DEAL_COLUMNS:
+            value = getattr(data, column)
+            if value is not None:
+                setattr(deal, column, value)
+        deal.attributes = {**deal.attributes, **(data.model_extra or {})}
+        deal.updated_at = now
+        return deal
+
+    def _enroll_matching(
+        self, s: Session, event: Event, contact: Contact, deal: Deal | None, now: datetime, effects: Effects
+    ) -> None:
+        context = {"contact": contact_view(contact), "deal": deal_view(deal), "enrollment": None}
+        for name, parsed in self._rules().cadences.items():
+            enroll = parsed.spec.enroll
+            if enroll is None or event.type not in enroll.on:
+                continue
+            if enroll.when and not self._holds(enroll.when, context, f"{name}: enroll.when"):
+                continue
+            enrollment = self.enroll(s, name, contact, deal, now, origin=f"event {event.type}")
+            if enrollment is not None:
+                effects.enrolled.append(enrollment.id or 0)
+
+    @staticmethod
+    def _holds(expression: str, context: Mapping[str, Any], where: str) -> bool:
+        try:
+            return sandbox.truthy(expression, context)
+        except sandbox.ExpressionError as exc:
+            log.warning("condition could not be evaluated", extra={"where": where, "error": str(exc)})
+            return False
+
+    # --- enrollments ----------------------------------------------------------------------------------------
+
+    def enroll(
+        self, s: Session, name: str, contact: Contact, deal: Deal | None, now: datetime, origin: str
+    ) -> Enrollment | None:
+        """Start `name` for the deal (or the contact); None when one is already active."""
+        if name not in self._rules():
+            raise EngineError(f"no cadence named {name!r}", field="cadence")
+        subject = f"deal:{deal.id}" if deal is not None else f"contact:{contact.id}"
+        active = s.exec(
+            select(Enrollment.id).where(
+                Enrollment.cadence_name == name,
+                Enrollment.subject == subject,
+                Enrollment.status == EnrollmentStatus.active,
+            )
+        ).first()
+        if active is not None:
+            return None
+        version = self._current_version(s, name, now)
+        enrollment = Enrollment(
+            cadence_name=name,
+            cadence_version_id=version.id or 0,
+            subject=subject,
+            contact_id=contact.id or 0,
+            deal_id=deal.id if deal is not None else None,
+            started_at=now,
+            origin=origin,
+        )
+        try:
+            # The partial unique index settles a race with another process enrolling the same subject.
+            with s.begin_nested():
+                s.add(enrollment)
+                s.flush()
+        except sa.exc.IntegrityError:
+            return None
+        self.plan(s, enrollment, 0, now)
+        return enrollment
+
+    def plan(self, s: Session, enrollment: Enrollment, step_index: int, now: datetime) -> Touch | None:
+        """Plan step `step_index`, or complete the enrollment when there is none."""
+        spec = self.spec_of(s, enrollment)
+        if step_index >= len(spec.steps):
+            self.end(s, enrollment, EnrollmentStatus.completed, "all steps done", now)
+            return None
+        existing = s.exec(
+            select(Touch).where(
+                Touch.enrollment_id == enrollment.id, Touch.step_index == step_index, Touch.iteration == 0
+            )
+        ).first()
+        if existing is not None:
+            return existing
+        step = spec.steps[step_index]
+        contact = s.get(Contact, enrollment.contact_id)
+        assert contact is not None
+        touch = Touch(
+            enrollment_id=enrollment.id or 0,
+            step_index=step_index,
+            channel=step.channel,
+            template=step.template,
+            reason=step.reason,
+            due_at=self.due(spec, contact, enrollment.started_at, step_index),
+        )
+        s.add(touch)
+        s.flush()
+        return touch
+
+    def due(self, spec: CadenceSpec, contact: Contact, started_at: datetime, step_index: int) -> datetime:
+        zone = timing.zone_for(contact.timezone, spec.calendar, self.default_timezone)
+        return timing.due_at(started_at, spec.steps[step_index].day, spec.calendar, zone)
+
+    def end(self, s: Session, enrollment: Enrollment, status: str, reason: str, now: datetime) -> None:
+        """End an enrollment; its touches not yet being sent are cancelled with the same reason."""
+        if enrollment.status != EnrollmentStatus.active:
+            return
+        enrollment.status = status
+        enrollment.ended_at = now
+        enrollment.end_reason = reason
+        pending = s.exec(
+            select(Touch).where(
+                Touch.enrollment_id == enrollment.id,
+                col(Touch.status).in_([TouchStatus.planned, TouchStatus.queued]),
+            )
+        ).all()
+        for touch in pending:
+            touch.status = TouchStatus.cancelled
+            touch.status_reason = reason
+            touch.finished_at = now
+        s.flush()
+
+    def review(self, s: Session, contact: Contact, now: datetime, effects: Effects | None = None) -> None:
+        """Re-check exits and won/lost transitions for every active enrollment of the contact."""
+        active = s.exec(
+            select(Enrollment).where(
+                Enrollment.contact_id == contact.id, Enrollment.status == EnrollmentStatus.active
+            )
+        ).all()
+        for enrollment in active:
+            ended, target = self.exit_decision(s, enrollment)
+            if ended is None:
+                continue
+            self.end(s, enrollment, EnrollmentStatus.exited, ended, now)
+            if effects is not None:
+                effects.ended.append(enrollment.id or 0)
+            if target is not None:
+                deal = s.get(Deal, enrollment.deal_id) if enrollment.deal_id else None
+                moved = self.enroll(s, target, contact, deal, now, origin=f"then from {enrollment.cadence_name}")
+                if moved is not None and effects is not None:
+                    effects.enrolled.append(moved.id or 0)
+
+    def exit_decision(self, s: Session, enrollment: Enrollment) -> tuple[str | None, str | None]:
+        """(why the enrollment should end, the cadence it moves to) — (None, None) while it should go on."""
+        spec = self.spec_of(s, enrollment)
+        deal = s.get(Deal, enrollment.deal_id) if enrollment.deal_id else None
+        if deal is not None and deal.status in ("won", "lost"):
+            target = spec.then.targets().get(deal.status)
+            if target is not None:
+                return f"deal {deal.status}", target
+        if spec.exit.when:
+            context = self.context(s, enrollment)
+            if self._holds(spec.exit.when, context, f"{spec.cadence}: exit.when"):
+                return f"exit.when: {spec.exit.when}", None
+        return None, None
+
+    def context(self, s: Session, enrollment: Enrollment) -> dict[str, Any]:
+        contact = s.get(Contact, enrollment.contact_id)
+        assert contact is not None
+        deal = s.get(Deal, enrollment.deal_id) if enrollment.deal_id else None
+        return {"contact": contact_view(contact), "deal": deal_view(deal), "enrollment": enrollment_view(enrollment)}
+
+    # --- outcomes -------------------------------------------------------------------------------------------
+
+    def record_outcome(
+        self,
+        s: Session,
+        name: str,
+        now: datetime,
+        *,
+        touch_id: int | None = None,
+        enrollment_id: int | None = None,
+        note: str | None = None,
+        source: str = "api",
+    ) -> tuple[Outcome, Effects]:
+        """Store what came of a touch or an enrollment and act on it: exit, or a won/lost transition."""
+        touch = None
+        if touch_id is not None:
+            touch = s.get(Touch, touch_id)
+            if touch is None:
+                raise EngineError(f"no touch {touch_id}", field="touch_id")
+            if enrollment_id is not None and enrollment_id != touch.enrollment_id:
+                raise EngineError(
+                    f"touch {touch_id} belongs to enrollment {touch.enrollment_id}", field="enrollment_id"
+                )
+            enrollment_id = touch.enrollment_id
+        if enrollment_id is None:
+            raise EngineError("give `touch_id` or `enrollment_id`", field="touch_id")
+        enrollment = s.get(Enrollment, enrollment_id)
+        if enrollment is None:
+            raise EngineError(f"no enrollment {enrollment_id}", field="enrollment_id")
+        outcome = Outcome(
+            name=name,
+            enrollment_id=enrollment.id,
+            touch_id=touch.id if touch else None,
+            contact_id=enrollment.contact_id,
+            deal_id=enrollment.deal_id,
+            note=note,
+            source=source,
+            occurred_at=now,
+        )
+        s.add(outcome)
+        if touch is not None:
+            task = s.exec(select(CallTask).where(CallTask.touch_id == touch.id)).first()
+            if task is not None:
+                task.status = "done"
+                task.outcome = name
+        effects = Effects()
+        contact = s.get(Contact, enrollment.contact_id)
+        assert contact is not None
+        if name in ("won", "lost") and enrollment.deal_id is not None:
+            deal = s.get(Deal, enrollment.deal_id)
+            assert deal is not None
+            deal.status = name
+            deal.updated_at = now
+        elif enrollment.status == EnrollmentStatus.active and name in self.spec_of(s, enrollment).exit.on_outcome:
+            self.end(s, enrollment, EnrollmentStatus.exited, f"outcome: {name}", now)
+            effects.ended.append(enrollment.id or 0)
+        s.flush()
+        self.review(s, contact, now, effects)
+        return outcome, effects

@@ -1,0 +1,280 @@
+"""The cadence language: the YAML a marketer writes, validated into frozen models with file:line:col errors."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import time
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import holidays
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from cadence import sandbox, yamlpos
+from cadence.errors import Problem, RulesError
+
+EVENT_TYPES = (
+    "contact.created",
+    "contact.updated",
+    "deal.created",
+    "deal.updated",
+    "deal.stage_changed",
+    "deal.won",
+    "deal.lost",
+)
+OUTCOMES = (
+    "replied",
+    "meeting_booked",
+    "no_answer",
+    "left_voicemail",
+    "not_interested",
+    "unsubscribed",
+    "bounced",
+    "do_not_contact",
+    "won",
+    "lost",
+)
+CHANNELS = ("email", "sms", "call", "letter")
+
+EventType = Literal[
+    "contact.created",
+    "contact.updated",
+    "deal.created",
+    "deal.updated",
+    "deal.stage_changed",
+    "deal.won",
+    "deal.lost",
+]
+OutcomeName = Literal[
+    "replied",
+    "meeting_booked",
+    "no_answer",
+    "left_voicemail",
+    "not_interested",
+    "unsubscribed",
+    "bounced",
+    "do_not_contact",
+    "won",
+    "lost",
+]
+ChannelName = Literal["email", "sms", "call", "letter"]
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+_WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
+
+
+def _expression(source: str) -> str:
+    try:
+        sandbox.compile_expression(source)
+    except sandbox.ExpressionError as exc:
+        raise ValueError(f"invalid expression: {exc}") from exc
+    return source
+
+
+def _cadence_name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError("a cadence name is lowercase letters, digits and dashes, e.g. open-deal")
+    return value
+
+
+def _reason(value: str) -> str:
+    if not value.strip():
+        raise ValueError("every touch needs a reason: say what is new for the contact in this touch")
+    return value.strip()
+
+
+def _timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown IANA time zone {value!r} (e.g. Europe/Moscow, America/New_York)") from exc
+    return value
+
+
+def _country(value: str) -> str:
+    code = value.upper()
+    if code not in holidays.list_supported_countries():
+        raise ValueError(f"no public-holiday calendar for country {value!r}; use an ISO code such as RU, US, DE")
+    return code
+
+
+def _one_or_many(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _parse_window(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    match = _WINDOW.match(value)
+    if not match:
+        raise ValueError('a window is "HH:MM-HH:MM", e.g. "09:00-18:00"')
+    h1, m1, h2, m2 = (int(g) for g in match.groups())
+    if h1 > 23 or h2 > 24 or m1 > 59 or m2 > 59 or (h2 == 24 and m2):
+        raise ValueError(f"window {value!r} has an impossible time")
+    start, end = time(h1, m1), (time(23, 59, 59, 999999) if h2 == 24 else time(h2, m2))
+    if start >= end:
+        raise ValueError(f"window {value!r} ends before it starts")
+    return (start, end)
+
+
+Expression = Annotated[str, AfterValidator(_expression)]
+CadenceName = Annotated[str, AfterValidator(_cadence_name)]
+Reason = Annotated[str, AfterValidator(_reason)]
+TimeZone = Annotated[str, AfterValidator(_timezone)]
+Country = Annotated[str, AfterValidator(_country)]
+Window = Annotated[tuple[time, time], BeforeValidator(_parse_window)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Enroll(_Model):
+    on: Annotated[tuple[EventType, ...], BeforeValidator(_one_or_many), Field(min_length=1)]
+    when: Expression | None = None
+
+
+class Exit(_Model):
+    on_outcome: Annotated[tuple[OutcomeName, ...], BeforeValidator(_one_or_many)] = ()
+    when: Expression | None = None
+
+
+class Then(_Model):
+    won: CadenceName | None = None
+    lost: CadenceName | None = None
+
+    def targets(self) -> dict[str, str]:
+        return {k: v for k, v in (("won", self.won), ("lost", self.lost)) if v}
+
+
+class Calendar(_Model):
+    business_days: bool = False
+    window: Window | None = None
+    timezone: TimeZone | None = None
+    country: Country | None = None
+
+
+class Step(_Model):
+    day: Annotated[int, Field(ge=0, le=3650)]
+    channel: ChannelName
+    template: Annotated[str, Field(min_length=1)]
+    reason: Reason
+    when: Expression | None = None
+
+
+class CadenceSpec(_Model):
+    cadence: CadenceName
+    description: str = ""
+    enroll: Enroll | None = None
+    exit: Exit = Exit()
+    then: Then = Then()
+    calendar: Calendar = Calendar()
+    steps: Annotated[tuple[Step, ...], Field(min_length=1)]
+
+
+_SECTIONS: dict[str, type[_Model]] = {
+    "enroll": Enroll,
+    "exit": Exit,
+    "then": Then,
+    "calendar": Calendar,
+    "steps": Step,
+}
+
+
+def _allowed_keys(loc: tuple[str | int, ...]) -> list[str]:
+    """The keys valid in the mapping that holds loc[-1]."""
+    parent = loc[:-1]
+    model: type[_Model] = CadenceSpec
+    if parent and isinstance(parent[0], str) and parent[0] in _SECTIONS:
+        model = _SECTIONS[parent[0]]
+    return list(model.model_fields)
+
+
+def _problem(file: str, located: yamlpos.Located, error: Any) -> Problem:
+    loc = tuple(error["loc"])
+    kind = error["type"]
+    where = ".".join(str(p) for p in loc) or "document"
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        valid = _allowed_keys(loc)
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else f"valid keys here: {', '.join(valid)}"
+        line, column = located.where(loc, key=True)
+        return Problem(file, line, column, f"unknown key {key!r} at {where}", hint)
+    line, column = located.where(loc)
+    message = str(error["msg"]).removeprefix("Value error, ")
+    hint = None
+    if kind == "missing":
+        message = f"{where} is required"
+        if loc[-1] == "reason":
+            hint = "every touch needs a reason: the new information it brings"
+    elif kind == "literal_error" and isinstance(error.get("input"), str):
+        expected = error.get("ctx", {}).get("expected", "")
+        choices = re.findall(r"'([^']+)'", expected)
+        close = difflib.get_close_matches(error["input"], choices, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else None
+        message = f"{where}: {message}"
+    else:
+        message = f"{where}: {message}"
+    return Problem(file, line, column, message, hint)
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A valid cadence with its source, so later checks can point into the file."""
+
+    spec: CadenceSpec
+    file: str
+    text: str
+    located: yamlpos.Located
+
+    def where(self, path: tuple[str | int, ...]) -> tuple[int, int]:
+        return self.located.where(path)
+
+    @property
+    def content_hash(self) -> str:
+        return content_hash(self.text)
+
+
+def parse(text: str, file: str) -> Parsed:
+    """Validate one cadence file; raises RulesError carrying every problem with its position."""
+    try:
+        located = yamlpos.load(text)
+    except yamlpos.YamlSyntaxError as exc:
+        raise RulesError([Problem(file, exc.line, exc.column, f"YAML syntax: {exc.message}")]) from exc
+    if not isinstance(located.data, dict):
+        raise RulesError([Problem(file, 1, 1, "a cadence file is a mapping with `cadence:` and `steps:`")])
+    try:
+        spec = CadenceSpec.model_validate(located.data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        # A list whose items failed is also reported as too short; the item errors say more.
+        deeper = {tuple(e["loc"][:n]) for e in errors for n in range(len(e["loc"]))}
+        errors = [e for e in errors if not (e["type"] == "too_short" and tuple(e["loc"]) in deeper)]
+        found = sorted((_problem(file, located, e) for e in errors), key=lambda p: (p.line, p.column))
+        raise RulesError(found) from exc
+    problems = []
+    previous_day = 0
+    for i, step in enumerate(spec.steps):
+        if step.day < previous_day:
+            line, column = located.where(("steps", i, "day"))
+            problems.append(
+                Problem(file, line, column, f"steps.{i}.day goes back in time", "steps run in order of `day`")
+            )
+        previous_day = step.day
+        if not step.template.startswith(f"{step.channel}/"):
+            line, column = located.where(("steps", i, "template"))
+            problems.append(
+                Problem(file, line, column, f"steps.{i}.template is outside its channel's folder",
+                        f"write {step.channel}/<name>")
+            )
+    if problems:
+        raise RulesError(problems)
+    return Parsed(spec, file, text, located)
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -1,0 +1,99 @@
+"""A rule set: every cadence in a folder, checked together (transitions, templates), loaded all or nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from cadence import sandbox
+from cadence.errors import Problem, RulesError
+from cadence.language import CadenceSpec, Parsed, parse
+from channels import PARTS
+
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    cadences: dict[str, Parsed]
+
+    def get(self, name: str) -> CadenceSpec:
+        return self.cadences[name].spec
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.cadences
+
+
+def rule_files(paths: Iterable[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.glob("*.y*ml") if p.suffix in (".yaml", ".yml")))
+        else:
+            files.append(path)
+    return files
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _check_templates(parsed: Parsed, templates_dir: Path, env: jinja2.Environment) -> list[Problem]:
+    problems = []
+    for i, step in enumerate(parsed.spec.steps):
+        line, column = parsed.where(("steps", i, "template"))
+        for ext in PARTS[step.channel].values():
+            name = f"{step.template}{ext}"
+            if not (templates_dir / name).is_file():
+                problems.append(
+                    Problem(parsed.file, line, column, f"template file {name} not found in {templates_dir}",
+                            f"create {templates_dir / name}")
+                )
+                continue
+            try:
+                env.parse(env.loader.get_source(env, name)[0])  # type: ignore[union-attr]
+            except jinja2.TemplateSyntaxError as exc:
+                problems.append(Problem(parsed.file, line, column, f"{name}:{exc.lineno}: {exc.message}"))
+    return problems
+
+
+def load(paths: Iterable[Path], templates_dir: Path) -> RuleSet:
+    """Parse and cross-check every file; raises RulesError with every problem, so nothing half-loads."""
+    problems: list[Problem] = []
+    parsed: dict[str, Parsed] = {}
+    env = sandbox.template_environment(templates_dir)
+    for path in rule_files(paths):
+        file = _display(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(Problem(file, 1, 1, f"cannot read: {exc}"))
+            continue
+        try:
+            one = parse(text, file)
+        except RulesError as exc:
+            problems.extend(exc.problems)
+            continue
+        name = one.spec.cadence
+        if name in parsed:
+            line, column = one.where(("cadence",))
+            problems.append(Problem(file, line, column, f"cadence {name!r} is also defined in {parsed[name].file}"))
+            continue
+        parsed[name] = one
+        problems.extend(_check_templates(one, templates_dir, env))
+    for one in parsed.values():
+        for outcome, target in one.spec.then.targets().items():
+            if target not in parsed:
+                line, column = one.where(("then", outcome))
+                problems.append(
+                    Problem(one.file, line, column, f"then.{outcome} names unknown cadence {target!r}",
+                            f"known cadences: {', '.join(sorted(parsed)) or 'none'}")
+                )
+    if problems:
+        raise RulesError(problems)
+    return RuleSet(parsed)

@@ -1,0 +1,120 @@
+"""The scheduler: claims due touches in batches and hands their ids to the broker; sweeps lost ones back.
+
+Claims lock rows with SKIP LOCKED on PostgreSQL, so several schedulers can run side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import sqlalchemy as sa
+from sqlmodel import col, select
+
+from cadence import store
+from cadence.clock import Clock
+from cadence.models import Touch, TouchStatus
+from channels import Channel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Tick:
+    """What one pass did: ids sent to the broker, and touches taken back from a lost send."""
+
+    queued: list[int] = field(default_factory=list)
+    requeued: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        db: sa.Engine,
+        send: Callable[[int], None],
+        channels: Mapping[str, Channel],
+        clock: Clock,
+        batch_size: int,
+        lease: timedelta,
+        finish_lost: Callable[[int, str], None],
+    ) -> None:
+        self.db = db
+        self.send = send
+        self.channels = channels
+        self.clock = clock
+        self.batch_size = batch_size
+        self.lease = lease
+        self.finish_lost = finish_lost
+
+    def tick(self) -> Tick:
+        """One pass: claim what is due, re-send what the broker lost, settle sends a worker lost."""
+        result = Tick()
+        while True:
+            batch = self._claim_due()
+            result.queued.extend(batch)
+            for touch_id in batch:
+                self.send(touch_id)
+            if len(batch) < self.batch_size:
+                break
+        self._sweep(result)
+        for touch_id in result.requeued:
+            self.send(touch_id)
+        return result
+
+    def _claim_due(self) -> list[int]:
+        now = self.clock()
+        with store.session(self.db) as s:
+            touches = s.exec(
+                select(Touch)
+                .where(Touch.status == TouchStatus.planned, col(Touch.due_at) <= now)
+                .order_by(col(Touch.due_at), col(Touch.id))
+                .limit(self.batch_size)
+                .with_for_update(skip_locked=True)
+            ).all()
+            for touch in touches:
+                touch.status = TouchStatus.queued
+                touch.queued_at = now
+            return [t.id or 0 for t in touches]
+
+    def _sweep(self, result: Tick) -> None:
+        now = self.clock()
+        expired = now - self.lease
+        lost_sends: list[int] = []
+        with store.session(self.db) as s:
+            stale = s.exec(
+                select(Touch)
+                .where(
+                    (
+                        (col(Touch.status) == TouchStatus.queued) & (col(Touch.queued_at) < expired)
+                    )
+                    | ((col(Touch.status) == TouchStatus.sending) & (col(Touch.sending_at) < expired))
+                )
+                .limit(self.batch_size)
+                .with_for_update(skip_locked=True)
+            ).all()
+            for touch in stale:
+                # A send a worker lost may have reached the person; only an idempotent channel may repeat it.
+                if touch.status == TouchStatus.sending and not self.channels[touch.channel].idempotent:
+                    lost_sends.append(touch.id or 0)
+                    continue
+                touch.status = TouchStatus.queued
+                touch.queued_at = now
+                result.requeued.append(touch.id or 0)
+        for touch_id in lost_sends:
+            self.finish_lost(touch_id, "worker lost during send; not repeated to avoid a duplicate")
+            result.failed.append(touch_id)
+        if result.requeued or result.failed:
+            log.warning("swept touches", extra={"requeued": result.requeued, "failed": result.failed})
+
+    def run(self, stop: threading.Event, interval: float) -> None:
+        """Tick until `stop` is set; an error in one tick is logged and the next tick tries again."""
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("scheduler tick failed")
+            stop.wait(interval)

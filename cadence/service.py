@@ -1,0 +1,122 @@
+"""The service assembled from settings: store, rules, channels, engine, dispatcher, scheduler, broker."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+from typing import Any
+
+import dramatiq
+from dramatiq import Worker
+
+from cadence import broker as brokers
+from cadence import rules as ruleset
+from cadence import sandbox, store
+from cadence.clock import Clock, system_clock
+from cadence.dispatch import Dispatcher
+from cadence.engine import Engine
+from cadence.models import Touch, TouchStatus
+from cadence.rules import RuleSet
+from cadence.scheduler import Scheduler
+from cadence.settings import Settings
+from channels import Channel
+from channels.call import CallTasks
+from channels.email import EmailOutbox
+from channels.letter import LetterOutbox
+from channels.sms import SmsOutbox
+
+log = logging.getLogger(__name__)
+
+
+def build_channels(settings: Settings, db: Any, clock: Clock) -> dict[str, Channel]:
+    return {
+        "email": EmailOutbox(settings.outbox_dir),
+        "sms": SmsOutbox(settings.outbox_dir),
+        "letter": LetterOutbox(settings.outbox_dir),
+        "call": CallTasks(db, clock),
+    }
+
+
+class Service:
+    """Everything one process needs; `cadence serve`, `worker` and `scheduler` each build one."""
+
+    def __init__(self, settings: Settings, clock: Clock = system_clock, migrate: bool = True) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.db = store.create_engine(settings.database_url)
+        if migrate:
+            store.migrate(self.db)
+        self._rules = self._load_rules()
+        self.engine = Engine(lambda: self._rules, settings.default_timezone)
+        self.channels = build_channels(settings, self.db, clock)
+        self.templates = sandbox.template_environment(settings.templates_dir)
+        self.dispatcher = Dispatcher(
+            self.db, self.engine, self.channels, self.templates, settings.sender(), clock
+        )
+        self.broker = brokers.create_broker(settings.redis_url)
+        self.actor = brokers.declare_dispatch(self.broker, self.dispatcher.dispatch)
+        self.scheduler = Scheduler(
+            self.db,
+            send=lambda touch_id: self.actor.send(touch_id),
+            channels=self.channels,
+            clock=clock,
+            batch_size=settings.scheduler_batch_size,
+            lease=timedelta(seconds=settings.lease_seconds),
+            finish_lost=self._finish_lost,
+        )
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._worker: Worker | None = None
+
+    @property
+    def rules(self) -> RuleSet:
+        return self._rules
+
+    def _load_rules(self) -> RuleSet:
+        return ruleset.load([self.settings.rules_dir], self.settings.templates_dir)
+
+    def reload_rules(self) -> RuleSet:
+        """Load the rules again; on any error the loaded ones stay in force and the error is raised."""
+        self._rules = self._load_rules()
+        return self._rules
+
+    def _finish_lost(self, touch_id: int, reason: str) -> None:
+        with store.session(self.db) as s:
+            touch = s.get(Touch, touch_id)
+            if touch is not None and touch.status == TouchStatus.sending:
+                self.dispatcher.finish(s, touch, TouchStatus.failed, reason)
+
+    def start_worker(self, threads: int | None = None) -> Worker:
+        self._worker = Worker(self.broker, worker_threads=threads or self.settings.worker_threads)
+        self._worker.start()
+        return self._worker
+
+    def start_scheduler(self) -> threading.Thread:
+        thread = threading.Thread(
+            target=self.scheduler.run,
+            args=(self._stop, self.settings.scheduler_interval_seconds),
+            name="cadence-scheduler",
+            daemon=True,
+        )
+        thread.start()
+        self._threads.append(thread)
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
+        self.broker.close()
+        self.db.dispose()
+
+
+def run_embedded(service: Service) -> None:
+    """The embedded mode's background parts: worker threads and the scheduler, inside the server process."""
+    if not isinstance(service.broker, dramatiq.brokers.stub.StubBroker):
+        return
+    service.start_worker()
+    service.start_scheduler()

@@ -1,0 +1,79 @@
+"""When a step is due: calendar or business days, holidays, the send window, in the contact's own zone."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+from functools import lru_cache
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import holidays
+
+from cadence.language import Calendar
+
+_DAY_START = time(0, 0)
+_DAY_END = time(23, 59, 59, 999999)
+
+
+@lru_cache(maxsize=256)
+def _holidays(country: str, year: int) -> frozenset[date]:
+    return frozenset(holidays.country_holidays(country, years=year).keys())
+
+
+def is_business_day(day: date, country: str | None) -> bool:
+    if day.weekday() >= 5:
+        return False
+    return not (country and day in _holidays(country, day.year))
+
+
+def _next_open_day(day: date, calendar: Calendar) -> date:
+    """The first day on or after `day` that the calendar allows."""
+    if not calendar.business_days:
+        return day
+    while not is_business_day(day, calendar.country):
+        day += timedelta(days=1)
+    return day
+
+
+def add_days(start: date, days: int, calendar: Calendar) -> date:
+    """`days` calendar days, or business days; day 0 of a business calendar is the next open day."""
+    if not calendar.business_days:
+        return start + timedelta(days=days)
+    day = _next_open_day(start, calendar)
+    for _ in range(days):
+        day = _next_open_day(day + timedelta(days=1), calendar)
+    return day
+
+
+def zone_for(contact_zone: str | None, calendar: Calendar, default: str) -> ZoneInfo:
+    """The contact's own zone when it is a real one, else the cadence's, else the service default."""
+    for name in (contact_zone, calendar.timezone, default):
+        if name:
+            try:
+                return ZoneInfo(name)
+            except (ZoneInfoNotFoundError, ValueError):
+                continue
+    return ZoneInfo("UTC")
+
+
+def first_slot(start: datetime, calendar: Calendar, zone: ZoneInfo) -> tuple[date, time]:
+    """The first local (day, time) at or after `start` that the calendar and window allow."""
+    local = start.astimezone(zone)
+    opens, closes = calendar.window or (_DAY_START, _DAY_END)
+    day = _next_open_day(local.date(), calendar)
+    at = local.time().replace(tzinfo=None) if day == local.date() else opens
+    if at < opens:
+        at = opens
+    elif at > closes:
+        day, at = _next_open_day(day + timedelta(days=1), calendar), opens
+    return day, at
+
+
+def due_at(start: datetime, day: int, calendar: Calendar, zone: ZoneInfo) -> datetime:
+    """UTC time a step is due: `day` days after the enrollment's first slot, at that slot's local time.
+
+    Keeping the start's time of day spreads enrollments over the window instead of firing all at its opening.
+    """
+    first_day, at = first_slot(start, calendar, zone)
+    target = add_days(first_day, day, calendar)
+    # A wall time inside a DST gap resolves forward (fold=0), which is what a sender expects.
+    return datetime.combine(target, at, tzinfo=zone).astimezone(UTC)

@@ -1,0 +1,100 @@
+"""Channels: one module per way of touching a person. Each declares what it needs and implements `send`."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jinja2
+
+from cadence import sandbox
+
+
+#: Each channel's template parts: part name -> file extension (`template: email/x` -> x.txt and x.html).
+PARTS: dict[str, dict[str, str]] = {
+    "email": {"text": ".txt", "html": ".html"},
+    "sms": {"text": ".txt"},
+    "call": {"script": ".md"},
+    "letter": {"html": ".html"},
+}
+
+
+class DeliveryError(Exception):
+    """A provider refused or failed; `transient` says whether trying again may work."""
+
+    transient: ClassVar[bool] = False
+
+
+class TransientError(DeliveryError):
+    transient = True
+
+
+class PermanentError(DeliveryError):
+    transient = False
+
+
+@dataclass(frozen=True)
+class Message:
+    """One touch, rendered and addressed, ready for a channel."""
+
+    key: str
+    touch_id: int
+    channel: str
+    contact: Mapping[str, Any]
+    deal: Mapping[str, Any] | None
+    reason: str
+    due_at: datetime
+    local_date: date
+    parts: Mapping[str, str]
+    sender: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Receipt:
+    provider: str
+    reference: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class Channel:
+    """Base for every channel; hooks default to doing nothing special."""
+
+    name: ClassVar[str]
+    #: The contact field without which the touch cannot be made.
+    requires: ClassVar[str | None] = None
+    #: True when sending the same key twice leaves one delivery (so a lost send may safely be retried).
+    idempotent: ClassVar[bool] = False
+
+    @property
+    def parts(self) -> dict[str, str]:
+        return PARTS[self.name]
+
+    def render(self, env: jinja2.Environment, template: str, context: Mapping[str, Any]) -> dict[str, str]:
+        return {part: sandbox.render(env, f"{template}{ext}", context) for part, ext in self.parts.items()}
+
+    def missing(self, contact: Mapping[str, Any]) -> str | None:
+        """Why this contact cannot be reached on this channel, or None."""
+        if self.requires and not contact.get(self.requires):
+            return f"contact has no {self.requires}"
+        return None
+
+    def send(self, message: Message) -> Receipt:
+        raise NotImplementedError
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write a whole file or nothing: readers never see half a message, rewrites replace it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

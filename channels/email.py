@@ -1,0 +1,57 @@
+"""Email: multipart text + HTML messages; the outbox provider writes one .eml file per touch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from email.message import EmailMessage
+from email.utils import format_datetime, formataddr
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jinja2
+
+from cadence.sandbox import TemplateError
+from channels import Channel, Message, Receipt, write_atomically
+
+
+def split_subject(text: str, template: str) -> tuple[str, str]:
+    """The text part starts with `Subject: …` and a blank line; the rest is the body."""
+    first, _, body = text.partition("\n")
+    if not first.lower().startswith("subject:"):
+        raise TemplateError(f"{template}.txt: the first line must be 'Subject: …'")
+    return first.split(":", 1)[1].strip(), body.lstrip("\n")
+
+
+def build_message(message: Message, domain: str) -> EmailMessage:
+    email = EmailMessage()
+    sender = message.sender
+    email["From"] = formataddr((sender.get("name") or "", sender.get("email") or ""))
+    email["To"] = formataddr((message.contact.get("name") or "", message.contact["email"]))
+    email["Subject"] = message.parts["subject"]
+    email["Date"] = format_datetime(message.due_at)
+    email["Message-ID"] = f"<touch-{message.key}@{domain}>"
+    email.set_content(message.parts["text"])
+    email.add_alternative(message.parts["html"], subtype="html")
+    return email
+
+
+class EmailOutbox(Channel):
+    """Writes `<outbox>/email/<touch key>.eml`; the same key rewrites the same file."""
+
+    name: ClassVar[str] = "email"
+    requires: ClassVar[str | None] = "email"
+    idempotent: ClassVar[bool] = True
+
+    def __init__(self, outbox: Path) -> None:
+        self.folder = outbox / "email"
+
+    def render(self, env: jinja2.Environment, template: str, context: Mapping[str, Any]) -> dict[str, str]:
+        parts = super().render(env, template, context)
+        parts["subject"], parts["text"] = split_subject(parts["text"], template)
+        return parts
+
+    def send(self, message: Message) -> Receipt:
+        domain = (message.sender.get("email") or "cadence.local").rpartition("@")[2]
+        path = self.folder / f"{message.key}.eml"
+        write_atomically(path, bytes(build_message(message, domain)))
+        return Receipt("outbox", str(path))
