@@ -18,6 +18,7 @@ from sqlmodel import Session, col, update
 from cadence import sandbox, store, timing
 from cadence.clock import Clock
 from cadence.engine import Engine
+from cadence.metrics import Metrics
 from cadence.models import Contact, Enrollment, EnrollmentStatus, Touch, TouchStatus
 from channels import Channel, DeliveryError, Message
 
@@ -43,6 +44,7 @@ class Dispatcher:
         templates: jinja2.Environment,
         sender: Mapping[str, str],
         clock: Clock,
+        metrics: Metrics,
     ) -> None:
         self.db = db
         self.engine = engine
@@ -50,6 +52,7 @@ class Dispatcher:
         self.templates = templates
         self.sender = sender
         self.clock = clock
+        self.metrics = metrics
 
     def dispatch(self, touch_id: int) -> Result:
         if not self._claim(touch_id):
@@ -167,6 +170,7 @@ class Dispatcher:
     def finish(self, s: Session, touch: Touch, status: str, reason: str | None) -> Result:
         """Record how a touch ended and plan the enrollment's next step."""
         result = self._close(s, touch, status, reason)
+        self.metrics.touches.labels(touch.channel, status).inc()
         enrollment = s.get(Enrollment, touch.enrollment_id)
         assert enrollment is not None
         if enrollment.status == EnrollmentStatus.active:

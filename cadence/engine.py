@@ -56,15 +56,24 @@ class Effects:
     ended: list[int] = field(default_factory=list)
 
 
-def contact_view(contact: Contact) -> dict[str, Any]:
+def contact_view_from(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """What conditions and templates see of a contact: the standard keys always present, plus CRM fields."""
     view: dict[str, Any] = dict.fromkeys(_CONTACT_KEYS)
-    view.update(contact.attributes)
-    view.update({c: getattr(contact, c) for c in _CONTACT_COLUMNS})
-    if not view.get("first_name") and contact.name:
-        view["first_name"] = contact.name.split()[0]
-    view["id"] = contact.id
-    view["external_id"] = contact.external_id
+    view.update(fields)
+    if not view.get("first_name") and view.get("name"):
+        view["first_name"] = str(view["name"]).split()[0]
     return view
+
+
+def contact_view(contact: Contact) -> dict[str, Any]:
+    return contact_view_from(
+        {
+            **contact.attributes,
+            **{c: getattr(contact, c) for c in _CONTACT_COLUMNS},
+            "id": contact.id,
+            "external_id": contact.external_id,
+        }
+    )
 
 
 def deal_view(deal: Deal | None) -> dict[str, Any] | None:

@@ -7,6 +7,8 @@ import threading
 from datetime import timedelta
 from typing import Any
 
+from sqlmodel import col, select
+
 import dramatiq
 from dramatiq import Worker
 
@@ -16,7 +18,8 @@ from cadence import sandbox, store
 from cadence.clock import Clock, system_clock
 from cadence.dispatch import Dispatcher
 from cadence.engine import Engine
-from cadence.models import Touch, TouchStatus
+from cadence.metrics import Metrics
+from cadence.models import Contact, Enrollment, Outcome, Touch, TouchStatus
 from cadence.rules import RuleSet
 from cadence.scheduler import Scheduler
 from cadence.settings import Settings
@@ -51,8 +54,9 @@ class Service:
         self.engine = Engine(lambda: self._rules, settings.default_timezone)
         self.channels = build_channels(settings, self.db, clock)
         self.templates = sandbox.template_environment(settings.templates_dir)
+        self.metrics = Metrics()
         self.dispatcher = Dispatcher(
-            self.db, self.engine, self.channels, self.templates, settings.sender(), clock
+            self.db, self.engine, self.channels, self.templates, settings.sender(), clock, self.metrics
         )
         self.broker = brokers.create_broker(settings.redis_url)
         self.actor = brokers.declare_dispatch(self.broker, self.dispatcher.dispatch)
@@ -80,6 +84,70 @@ class Service:
         """Load the rules again; on any error the loaded ones stay in force and the error is raised."""
         self._rules = self._load_rules()
         return self._rules
+
+    def timeline(self, enrollment_id: int) -> dict[str, Any] | None:
+        """The enrollment's touches as stored, the steps still to come as planned now, and its outcomes."""
+        with store.session(self.db) as s:
+            enrollment = s.get(Enrollment, enrollment_id)
+            if enrollment is None:
+                return None
+            spec = self.engine.spec_of(s, enrollment)
+            touches = s.exec(
+                select(Touch).where(Touch.enrollment_id == enrollment_id).order_by(col(Touch.due_at), col(Touch.id))
+            ).all()
+            outcomes = s.exec(
+                select(Outcome).where(Outcome.enrollment_id == enrollment_id).order_by(col(Outcome.occurred_at))
+            ).all()
+            items: list[dict[str, Any]] = [
+                {
+                    "touch_id": t.id,
+                    "step": t.step_index,
+                    "iteration": t.iteration,
+                    "channel": t.channel,
+                    "template": t.template,
+                    "reason": t.reason,
+                    "due_at": t.due_at,
+                    "status": t.status,
+                    "status_reason": t.status_reason,
+                    "outcomes": [o.name for o in outcomes if o.touch_id == t.id],
+                }
+                for t in touches
+            ]
+            if enrollment.status == "active":
+                contact = s.get_one(Contact, enrollment.contact_id)
+                for index in range(max((t.step_index for t in touches), default=-1) + 1, len(spec.steps)):
+                    step = spec.steps[index]
+                    items.append(
+                        {
+                            "touch_id": None,
+                            "step": index,
+                            "iteration": 0,
+                            "channel": step.channel,
+                            "template": step.template,
+                            "reason": step.reason,
+                            "due_at": self.engine.due(spec, contact, enrollment.started_at, index),
+                            "status": "projected",
+                            "status_reason": step.when and f"if {step.when}",
+                            "outcomes": [],
+                        }
+                    )
+            return {
+                "id": enrollment.id,
+                "cadence": enrollment.cadence_name,
+                "cadence_version": enrollment.cadence_version_id,
+                "contact_id": enrollment.contact_id,
+                "deal_id": enrollment.deal_id,
+                "status": enrollment.status,
+                "started_at": enrollment.started_at,
+                "ended_at": enrollment.ended_at,
+                "end_reason": enrollment.end_reason,
+                "origin": enrollment.origin,
+                "touches": items,
+                "outcomes": [
+                    {"id": o.id, "name": o.name, "touch_id": o.touch_id, "note": o.note, "at": o.occurred_at}
+                    for o in outcomes
+                ],
+            }
 
     def _finish_lost(self, touch_id: int, reason: str) -> None:
         with store.session(self.db) as s:

@@ -1,0 +1,305 @@
+"""The HTTP API: webhooks in, outcomes in, timelines and call tasks out, health and metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import date, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlmodel import col, select
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cadence import store
+from cadence.engine import EngineError
+from cadence.events import Event
+from cadence.language import OutcomeName
+from cadence.models import CallTask, Enrollment, InboundEvent, Outcome, Touch
+from cadence.service import Service, run_embedded
+
+log = logging.getLogger(__name__)
+
+#: Largest webhook or API body accepted, in bytes.
+MAX_BODY_BYTES = 1_000_000
+#: Header carrying `t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">` on /webhooks/generic.
+SIGNATURE_HEADER = "X-Cadence-Signature"
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+class _JSON(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, default=_default, ensure_ascii=False).encode("utf-8")
+
+
+def error(status: int, code: str, message: str, field: str | None = None, **extra: Any) -> _JSON:
+    """The one error shape: {"error": {"code", "message", "field", ...}}."""
+    return _JSON({"error": {"code": code, "message": message, "field": field, **extra}}, status_code=status)
+
+
+def _validation_error(exc: ValidationError) -> _JSON:
+    problems = [
+        {"field": ".".join(str(p) for p in e["loc"]) or None, "message": e["msg"]} for e in exc.errors()
+    ]
+    first = problems[0]
+    return error(422, "invalid", f"{first['field'] or 'body'}: {first['message']}", first["field"], problems=problems)
+
+
+async def _body(request: Request) -> bytes:
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise HTTPException(413, f"body is over {MAX_BODY_BYTES} bytes")
+    return body
+
+
+def _json_body(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HTTPException(400, f"body is not JSON: {exc}") from exc
+
+
+def verify_signature(secret: str, header: str | None, body: bytes, now: float, tolerance: int) -> str | None:
+    """None when the signature is good, else why not."""
+    if not header:
+        return f"missing {SIGNATURE_HEADER} header"
+    parts = dict(p.split("=", 1) for p in header.split(",") if "=" in p)
+    try:
+        stamp = int(parts.get("t", ""))
+    except ValueError:
+        return "signature timestamp `t` is not a number"
+    if abs(now - stamp) > tolerance:
+        return f"signature timestamp is more than {tolerance} s away from now"
+    expected = hmac.new(secret.encode(), f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected, parts.get("v1", "")):
+        return "signature does not match the body"
+    return None
+
+
+def sign(secret: str, body: bytes, stamp: int) -> str:
+    """The header value a sender puts in X-Cadence-Signature."""
+    digest = hmac.new(secret.encode(), f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={stamp},v1={digest}"
+
+
+class OutcomeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    touch_id: int | None = None
+    enrollment_id: int | None = None
+    outcome: OutcomeName
+    note: str | None = Field(default=None, max_length=10_000)
+
+
+def create_app(service: Service, background: bool = True) -> Starlette:
+    """The ASGI app; with `background`, the embedded worker and scheduler run for the app's lifetime."""
+    settings = service.settings
+
+    def sync(fn: Callable[..., Any], *args: Any) -> Any:
+        return run_in_threadpool(fn, *args)
+
+    async def webhook(request: Request) -> Response:
+        source = request.path_params["source"]
+        if source != "generic":
+            return error(404, "unknown_source", f"no webhook adapter for {source!r}", "source")
+        body = await _body(request)
+        if settings.webhook_secret:
+            problem = verify_signature(
+                settings.webhook_secret, request.headers.get(SIGNATURE_HEADER), body, time.time(),
+                settings.webhook_tolerance_seconds,
+            )
+            if problem:
+                service.metrics.webhooks.labels(source, "unauthorised").inc()
+                return error(401, "bad_signature", problem, SIGNATURE_HEADER)
+        return await sync(_receive, source, body)
+
+    def _receive(source: str, body: bytes) -> Response:
+        now = service.clock()
+        payload: Any = None
+        problem: _JSON | None = None
+        try:
+            payload = _json_body(body)
+            event = Event.model_validate(payload)
+        except HTTPException as exc:
+            problem = error(400, "unreadable", str(exc.detail), "body")
+        except ValidationError as exc:
+            problem = _validation_error(exc)
+        event_id = (
+            str(payload["event_id"]) if isinstance(payload, dict) and payload.get("event_id") is not None
+            else "sha256:" + hashlib.sha256(body).hexdigest()
+        )
+        row = InboundEvent(
+            source=source,
+            event_id=event_id[:128],
+            type=payload.get("type") if isinstance(payload, dict) and isinstance(payload.get("type"), str) else None,
+            body=body.decode("utf-8", errors="replace"),
+            received_at=now,
+            status="rejected" if problem else "received",
+            error=json.loads(problem.body)["error"]["message"] if problem else None,
+        )
+        try:
+            with store.session(service.db) as s:
+                s.add(row)
+        except sa.exc.IntegrityError:
+            service.metrics.webhooks.labels(source, "duplicate").inc()
+            if problem:
+                return problem
+            return _JSON({"event_id": event_id, "duplicate": True, "enrolled": [], "ended": []})
+        if problem:
+            service.metrics.webhooks.labels(source, "rejected").inc()
+            return problem
+        try:
+            with store.session(service.db) as s:
+                effects = service.engine.handle_event(s, source, event, now)
+                stored = s.get_one(InboundEvent, row.id)
+                stored.status, stored.processed_at = "processed", now
+        except EngineError as exc:
+            _mark_event(row.id, "failed", str(exc), now)
+            service.metrics.webhooks.labels(source, "failed").inc()
+            return error(422, "not_applicable", str(exc), exc.field)
+        except Exception as exc:
+            _mark_event(row.id, "failed", repr(exc), now)
+            raise
+        service.metrics.webhooks.labels(source, "processed").inc()
+        log.info("event processed", extra={"source": source, "event_id": event_id, "type": event.type})
+        return _JSON(
+            {"event_id": event_id, "duplicate": False, "enrolled": effects.enrolled, "ended": effects.ended},
+            status_code=202,
+        )
+
+    def _mark_event(row_id: int | None, status: str, message: str, now: datetime) -> None:
+        with store.session(service.db) as s:
+            stored = s.get_one(InboundEvent, row_id)
+            stored.status, stored.error, stored.processed_at = status, message, now
+
+    async def outcomes(request: Request) -> Response:
+        try:
+            data = OutcomeIn.model_validate(_json_body(await _body(request)))
+        except HTTPException as exc:
+            return error(400, "unreadable", str(exc.detail), "body")
+        except ValidationError as exc:
+            return _validation_error(exc)
+        return await sync(_record_outcome, data)
+
+    def _record_outcome(data: OutcomeIn) -> Response:
+        try:
+            with store.session(service.db) as s:
+                outcome, effects = service.engine.record_outcome(
+                    s, data.outcome, service.clock(), touch_id=data.touch_id,
+                    enrollment_id=data.enrollment_id, note=data.note,
+                )
+        except EngineError as exc:
+            status = 404 if str(exc).startswith("no ") else 422
+            return error(status, "not_found" if status == 404 else "invalid", str(exc), exc.field)
+        service.metrics.outcomes.labels(outcome.name).inc()
+        return _JSON(
+            {
+                "id": outcome.id,
+                "outcome": outcome.name,
+                "enrollment_id": outcome.enrollment_id,
+                "touch_id": outcome.touch_id,
+                "ended": effects.ended,
+                "enrolled": effects.enrolled,
+            },
+            status_code=201,
+        )
+
+    async def enrollment(request: Request) -> Response:
+        try:
+            enrollment_id = int(request.path_params["id"])
+        except ValueError:
+            return error(422, "invalid", "enrollment id is a number", "id")
+        found = await sync(service.timeline, enrollment_id)
+        if found is None:
+            return error(404, "not_found", f"no enrollment {enrollment_id}", "id")
+        return _JSON(found)
+
+    async def call_tasks(request: Request) -> Response:
+        owner = request.query_params.get("owner")
+        raw = request.query_params.get("date")
+        try:
+            day = date.fromisoformat(raw) if raw else service.clock().date()
+        except ValueError:
+            return error(422, "invalid", f"date {raw!r} is not YYYY-MM-DD", "date")
+        return _JSON(await sync(_call_tasks, owner, day))
+
+    def _call_tasks(owner: str | None, day: date) -> dict[str, Any]:
+        with store.session(service.db) as s:
+            query = select(CallTask).where(CallTask.due_date == day)
+            if owner:
+                query = query.where(CallTask.owner == owner)
+            tasks = s.exec(query.order_by(col(CallTask.due_at), col(CallTask.id))).all()
+            return {"date": day, "owner": owner, "tasks": [t.model_dump() for t in tasks]}
+
+    async def healthz(request: Request) -> Response:
+        return await sync(_health)
+
+    def _health() -> Response:
+        checks: dict[str, str] = {}
+        try:
+            with service.db.connect() as connection:
+                connection.execute(sa.text("select 1"))
+            checks["database"] = "ok"
+        except sa.exc.SQLAlchemyError as exc:
+            checks["database"] = f"error: {exc.__class__.__name__}"
+        client = getattr(service.broker, "client", None)
+        if client is None:
+            checks["broker"] = "ok (in-process)"
+        else:
+            try:
+                client.ping()
+                checks["broker"] = "ok (redis)"
+            except Exception as exc:
+                checks["broker"] = f"error: {exc.__class__.__name__}"
+        healthy = all(v.startswith("ok") for v in checks.values())
+        return _JSON(
+            {"status": "ok" if healthy else "failing", "checks": checks, "cadences": sorted(service.rules.cadences)},
+            status_code=200 if healthy else 503,
+        )
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return error(exc.status_code, "http", str(exc.detail))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if background:
+            run_embedded(service)
+        try:
+            yield
+        finally:
+            if background:
+                service.stop()
+
+    return Starlette(
+        routes=[
+            Route("/webhooks/{source}", webhook, methods=["POST"]),
+            Route("/outcomes", outcomes, methods=["POST"]),
+            Route("/enrollments/{id}", enrollment, methods=["GET"]),
+            Route("/call-tasks", call_tasks, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: http_error},
+        lifespan=lifespan,
+    )
