@@ -276,7 +276,8 @@ class Engine:
 
     def due(self, spec: CadenceSpec, contact: Contact, started_at: datetime, step_index: int) -> datetime:
         zone = timing.zone_for(contact.timezone, spec.calendar, self.default_timezone)
-        return timing.due_at(started_at, spec.steps[step_index].day, spec.calendar, zone)
+        calendar = timing.calendar_for(contact.country, spec.calendar)
+        return timing.due_at(started_at, spec.steps[step_index].day, calendar, zone)
 
     def end(self, s: Session, enrollment: Enrollment, status: str, reason: str, now: datetime) -> None:
         """End an enrollment; its touches not yet being sent are cancelled with the same reason."""

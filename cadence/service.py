@@ -155,8 +155,11 @@ class Service:
             if touch is not None and touch.status == TouchStatus.sending:
                 self.dispatcher.finish(s, touch, TouchStatus.failed, reason)
 
-    def start_worker(self, threads: int | None = None) -> Worker:
-        self._worker = Worker(self.broker, worker_threads=threads or self.settings.worker_threads)
+    def start_worker(self, threads: int | None = None, poll_ms: int = 1000) -> Worker:
+        """Worker threads in this process; `poll_ms` bounds how long stopping waits for idle consumers."""
+        self._worker = Worker(
+            self.broker, worker_threads=threads or self.settings.worker_threads, worker_timeout=poll_ms
+        )
         self._worker.start()
         return self._worker
 

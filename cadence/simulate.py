@@ -46,10 +46,11 @@ def simulate(
 ) -> list[Row]:
     """Each step's due time in the contact's zone, and whether its condition lets it through."""
     zone = timing.zone_for(contact.get("timezone"), spec.calendar, default_timezone)
+    calendar = timing.calendar_for(contact.get("country"), spec.calendar)
     context = {"contact": contact_view_from(contact), "deal": deal, "enrollment": {"cadence": spec.cadence}}
     rows = []
     for index, step in enumerate(spec.steps):
-        due = timing.due_at(start, step.day, spec.calendar, zone)
+        due = timing.due_at(start, step.day, calendar, zone)
         sent, note = True, ""
         if step.when:
             try:

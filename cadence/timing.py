@@ -68,6 +68,15 @@ def first_slot(start: datetime, calendar: Calendar, zone: ZoneInfo) -> tuple[dat
     return day, at
 
 
+def calendar_for(contact_country: str | None, calendar: Calendar) -> Calendar:
+    """The contact's own public holidays when their country has a calendar, else the cadence's."""
+    if contact_country and contact_country.upper() != (calendar.country or ""):
+        code = contact_country.upper()
+        if code in holidays.list_supported_countries():
+            return calendar.model_copy(update={"country": code})
+    return calendar
+
+
 def due_at(start: datetime, day: int, calendar: Calendar, zone: ZoneInfo) -> datetime:
     """UTC time a step is due: `day` days after the enrollment's first slot, at that slot's local time.
 
