@@ -34,3 +34,5 @@ def configure(level: str, as_json: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Alembic narrates every start-up at INFO; its news is only worth a line when something goes wrong.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
