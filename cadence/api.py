@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import date, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -27,10 +27,11 @@ from cadence import store
 from cadence.engine import EngineError
 from cadence.events import Event
 from cadence.language import OutcomeName
-from cadence.models import CallTask, Enrollment, InboundEvent, Outcome, Touch
+from cadence.models import CallTask, InboundEvent
 from cadence.service import Service, run_embedded
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Largest webhook or API body accepted, in bytes.
 MAX_BODY_BYTES = 1_000_000
@@ -59,7 +60,9 @@ def _validation_error(exc: ValidationError) -> _JSON:
         {"field": ".".join(str(p) for p in e["loc"]) or None, "message": e["msg"]} for e in exc.errors()
     ]
     first = problems[0]
-    return error(422, "invalid", f"{first['field'] or 'body'}: {first['message']}", first["field"], problems=problems)
+    return error(
+        422, "invalid", f"{first['field'] or 'body'}: {first['message']}", first["field"], problems=problems
+    )
 
 
 async def _body(request: Request) -> bytes:
@@ -112,8 +115,8 @@ def create_app(service: Service, background: bool = True) -> Starlette:
     """The ASGI app; with `background`, the embedded worker and scheduler run for the app's lifetime."""
     settings = service.settings
 
-    def sync(fn: Callable[..., Any], *args: Any) -> Any:
-        return run_in_threadpool(fn, *args)
+    async def sync(fn: Callable[..., T], *args: Any) -> T:
+        return await run_in_threadpool(fn, *args)
 
     async def webhook(request: Request) -> Response:
         source = request.path_params["source"]
@@ -122,7 +125,10 @@ def create_app(service: Service, background: bool = True) -> Starlette:
         body = await _body(request)
         if settings.webhook_secret:
             problem = verify_signature(
-                settings.webhook_secret, request.headers.get(SIGNATURE_HEADER), body, time.time(),
+                settings.webhook_secret,
+                request.headers.get(SIGNATURE_HEADER),
+                body,
+                time.time(),
                 settings.webhook_tolerance_seconds,
             )
             if problem:
@@ -134,25 +140,31 @@ def create_app(service: Service, background: bool = True) -> Starlette:
         now = service.clock()
         payload: Any = None
         problem: _JSON | None = None
+        why: str | None = None
         try:
             payload = _json_body(body)
             event = Event.model_validate(payload)
         except HTTPException as exc:
-            problem = error(400, "unreadable", str(exc.detail), "body")
+            why = str(exc.detail)
+            problem = error(400, "unreadable", why, "body")
         except ValidationError as exc:
+            why = str(exc)
             problem = _validation_error(exc)
         event_id = (
-            str(payload["event_id"]) if isinstance(payload, dict) and payload.get("event_id") is not None
+            str(payload["event_id"])
+            if isinstance(payload, dict) and payload.get("event_id") is not None
             else "sha256:" + hashlib.sha256(body).hexdigest()
         )
         row = InboundEvent(
             source=source,
             event_id=event_id[:128],
-            type=payload.get("type") if isinstance(payload, dict) and isinstance(payload.get("type"), str) else None,
+            type=payload.get("type")
+            if isinstance(payload, dict) and isinstance(payload.get("type"), str)
+            else None,
             body=body.decode("utf-8", errors="replace"),
             received_at=now,
             status="rejected" if problem else "received",
-            error=json.loads(problem.body)["error"]["message"] if problem else None,
+            error=why,
         )
         try:
             with store.session(service.db) as s:
@@ -202,8 +214,12 @@ def create_app(service: Service, background: bool = True) -> Starlette:
         try:
             with store.session(service.db) as s:
                 outcome, effects = service.engine.record_outcome(
-                    s, data.outcome, service.clock(), touch_id=data.touch_id,
-                    enrollment_id=data.enrollment_id, note=data.note,
+                    s,
+                    data.outcome,
+                    service.clock(),
+                    touch_id=data.touch_id,
+                    enrollment_id=data.enrollment_id,
+                    note=data.note,
                 )
         except EngineError as exc:
             status = 404 if str(exc).startswith("no ") else 422
@@ -270,7 +286,11 @@ def create_app(service: Service, background: bool = True) -> Starlette:
                 checks["broker"] = f"error: {exc.__class__.__name__}"
         healthy = all(v.startswith("ok") for v in checks.values())
         return _JSON(
-            {"status": "ok" if healthy else "failing", "checks": checks, "cadences": sorted(service.rules.cadences)},
+            {
+                "status": "ok" if healthy else "failing",
+                "checks": checks,
+                "cadences": sorted(service.rules.cadences),
+            },
             status_code=200 if healthy else 503,
         )
 

@@ -20,8 +20,9 @@ TIME_LIMIT_MS = 120_000
 
 
 def create_broker(redis_url: str | None) -> dramatiq.Broker:
-    broker: dramatiq.Broker = RedisBroker(url=redis_url) if redis_url else StubBroker()
-    return broker
+    if redis_url:
+        return RedisBroker(url=redis_url)  # type: ignore[no-untyped-call]
+    return StubBroker()
 
 
 def declare_dispatch(broker: dramatiq.Broker, dispatch: Callable[[int], Any]) -> dramatiq.Actor[Any, Any]:
@@ -30,8 +31,7 @@ def declare_dispatch(broker: dramatiq.Broker, dispatch: Callable[[int], Any]) ->
     def dispatch_touch(touch_id: int) -> None:
         dispatch(touch_id)
 
-    return dramatiq.actor(
-        dispatch_touch,
+    declare = dramatiq.actor(
         broker=broker,
         actor_name="dispatch_touch",
         queue_name=QUEUE,
@@ -39,3 +39,4 @@ def declare_dispatch(broker: dramatiq.Broker, dispatch: Callable[[int], Any]) ->
         min_backoff=MIN_BACKOFF_MS,
         time_limit=TIME_LIMIT_MS,
     )
+    return declare(dispatch_touch)

@@ -22,7 +22,8 @@ from cadence.simulate import simulate as simulate_timeline
 
 app = typer.Typer(
     help="Cadence: touch cadences for sales teams. Configuration comes from environment variables "
-    "(DATABASE_URL, REDIS_URL, RULES_DIR, TEMPLATES_DIR, OUTBOX_DIR, ...); nothing set runs the embedded default.",
+    "(DATABASE_URL, REDIS_URL, RULES_DIR, TEMPLATES_DIR, OUTBOX_DIR, ...); "
+    "nothing set runs the embedded default.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -56,7 +57,9 @@ def _service(settings: Settings) -> Any:
 
 @app.command()
 def serve(
-    host: Annotated[str | None, typer.Option(help="Address to listen on (default: HOST or 127.0.0.1).")] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on (default: HOST or 127.0.0.1).")
+    ] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on (default: PORT or 8000).")] = None,
 ) -> None:
     """Run the HTTP API. Without REDIS_URL, worker threads and the scheduler run inside it too."""
@@ -66,17 +69,24 @@ def serve(
 
     settings = _settings()
     service = _service(settings)
-    mode = "embedded (in-process broker, scheduler thread)" if settings.embedded_broker else "API only (Redis)"
+    mode = (
+        "embedded (in-process broker, scheduler thread)" if settings.embedded_broker else "API only (Redis)"
+    )
     _err.print(f"Cadence {__version__} on http://{host or settings.host}:{port or settings.port} — {mode}")
     uvicorn.run(
-        create_app(service), host=host or settings.host, port=port or settings.port, log_config=None,
+        create_app(service),
+        host=host or settings.host,
+        port=port or settings.port,
+        log_config=None,
         access_log=False,
     )
 
 
 @app.command()
 def worker(
-    threads: Annotated[int | None, typer.Option(help="Worker threads (default: WORKER_THREADS or 4).")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Worker threads (default: WORKER_THREADS or 4).")
+    ] = None,
 ) -> None:
     """Run a worker process that sends touches from the Redis queue (needs REDIS_URL)."""
     settings = _settings()
@@ -97,7 +107,9 @@ def scheduler(
     """Run the scheduler: claim due touches and queue them on Redis (needs REDIS_URL). Several may run."""
     settings = _settings()
     if settings.embedded_broker:
-        _err.print("cadence scheduler needs REDIS_URL; without it, `cadence serve` runs the scheduler itself.")
+        _err.print(
+            "cadence scheduler needs REDIS_URL; without it, `cadence serve` runs the scheduler itself."
+        )
         raise typer.Exit(2)
     service = _service(settings)
     if once:
@@ -123,7 +135,9 @@ def migrate() -> None:
 
 @app.command()
 def lint(
-    paths: Annotated[list[Path], typer.Argument(help="Rule files or folders (default: RULES_DIR).")] = None,  # type: ignore[assignment]
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="Rule files or folders (default: RULES_DIR).")
+    ] = None,
     templates: Annotated[Path | None, typer.Option(help="Templates folder (default: TEMPLATES_DIR).")] = None,
     output: Annotated[str, typer.Option("--format", help="text or json")] = "text",
 ) -> None:
@@ -176,7 +190,7 @@ def simulate(
     file: Annotated[Path, typer.Argument(help="The cadence file.", exists=True, dir_okay=False)],
     start: Annotated[str, typer.Option(help="Enrollment start: YYYY-MM-DD or ISO date-time, in the zone.")],
     tz: Annotated[str | None, typer.Option(help="The contact's IANA time zone, e.g. Europe/Berlin.")] = None,
-    contact: Annotated[str | None, typer.Option(help='Contact fields as JSON, e.g. \'{"age": 55}\'.')] = None,
+    contact: Annotated[str | None, typer.Option(help="Contact fields as JSON, e.g. '{\"age\": 55}'.")] = None,
     deal: Annotated[str | None, typer.Option(help="Deal fields as JSON.")] = None,
     output: Annotated[str, typer.Option("--format", help="table or json")] = "table",
 ) -> None:
@@ -211,7 +225,11 @@ def simulate(
     for row in rows:
         reason = row.reason if row.sent else f"[dim]{row.reason} — {row.note}[/dim]"
         table.add_row(
-            str(row.step), row.local.strftime("%a %Y-%m-%d"), row.local.strftime("%H:%M %Z"), row.channel, reason
+            str(row.step),
+            row.local.strftime("%a %Y-%m-%d"),
+            row.local.strftime("%H:%M %Z"),
+            row.channel,
+            reason,
         )
     Console().print(table)
 

@@ -75,13 +75,15 @@ class Dispatcher:
             assert touch is not None
             touch.receipt = {"provider": receipt.provider, "reference": receipt.reference, **receipt.detail}
             self.finish(s, touch, TouchStatus.sent, None)
-        log.info("touch sent", extra={"touch": message.key, "channel": message.channel, "reason": message.reason})
+        log.info(
+            "touch sent", extra={"touch": message.key, "channel": message.channel, "reason": message.reason}
+        )
         return Result(touch_id, TouchStatus.sent)
 
     def _claim(self, touch_id: int) -> bool:
         now = self.clock()
         with store.session(self.db) as s:
-            claimed = s.exec(  # type: ignore[call-overload]
+            claimed = s.exec(
                 update(Touch)
                 .where(col(Touch.id) == touch_id, col(Touch.status) == TouchStatus.queued)
                 .values(status=TouchStatus.sending, sending_at=now, attempts=Touch.attempts + 1)
@@ -90,7 +92,7 @@ class Dispatcher:
 
     def _requeue(self, touch_id: int, why: str) -> None:
         with store.session(self.db) as s:
-            s.exec(  # type: ignore[call-overload]
+            s.exec(
                 update(Touch)
                 .where(col(Touch.id) == touch_id, col(Touch.status) == TouchStatus.sending)
                 .values(status=TouchStatus.queued, queued_at=self.clock(), status_reason=why)
@@ -126,7 +128,12 @@ class Dispatcher:
         context.update(
             reason=touch.reason,
             sender=dict(self.sender),
-            touch={"id": touch.id, "step": touch.step_index, "channel": touch.channel, "due_at": touch.due_at},
+            touch={
+                "id": touch.id,
+                "step": touch.step_index,
+                "channel": touch.channel,
+                "due_at": touch.due_at,
+            },
         )
         try:
             parts = channel.render(self.templates, touch.template, context)

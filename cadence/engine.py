@@ -1,4 +1,4 @@
-"""The engine: events enroll contacts and deals, outcomes and deal changes end or move enrollments, steps get planned.
+"""The engine: events enroll contacts and deals; outcomes and deal changes end or move enrollments.
 
 Every function here works inside one database session handed in by the caller, so a caller's transaction is
 the unit of change: an event either has all its effects or none.
@@ -125,7 +125,11 @@ class Engine:
         if found:
             return found
         version = CadenceVersion(
-            name=name, content_hash=parsed.content_hash, yaml_text=parsed.text, file=parsed.file, created_at=now
+            name=name,
+            content_hash=parsed.content_hash,
+            yaml_text=parsed.text,
+            file=parsed.file,
+            created_at=now,
         )
         s.add(version)
         s.flush()
@@ -139,8 +143,7 @@ class Engine:
         if event.contact is not None:
             contact = self._upsert_contact(s, source, event.contact, now)
         elif deal is not None and deal.contact_id is not None:
-            contact = s.get(Contact, deal.contact_id)
-            assert contact is not None
+            contact = s.get_one(Contact, deal.contact_id)
         else:
             raise EngineError("a deal seen for the first time needs its `contact`", field="contact")
         if event.deal is not None:
@@ -314,7 +317,9 @@ class Engine:
                 effects.ended.append(enrollment.id or 0)
             if target is not None:
                 deal = s.get(Deal, enrollment.deal_id) if enrollment.deal_id else None
-                moved = self.enroll(s, target, contact, deal, now, origin=f"then from {enrollment.cadence_name}")
+                moved = self.enroll(
+                    s, target, contact, deal, now, origin=f"then from {enrollment.cadence_name}"
+                )
                 if moved is not None and effects is not None:
                     effects.enrolled.append(moved.id or 0)
 
@@ -336,7 +341,11 @@ class Engine:
         contact = s.get(Contact, enrollment.contact_id)
         assert contact is not None
         deal = s.get(Deal, enrollment.deal_id) if enrollment.deal_id else None
-        return {"contact": contact_view(contact), "deal": deal_view(deal), "enrollment": enrollment_view(enrollment)}
+        return {
+            "contact": contact_view(contact),
+            "deal": deal_view(deal),
+            "enrollment": enrollment_view(enrollment),
+        }
 
     # --- outcomes -------------------------------------------------------------------------------------------
 
@@ -391,7 +400,10 @@ class Engine:
             assert deal is not None
             deal.status = name
             deal.updated_at = now
-        elif enrollment.status == EnrollmentStatus.active and name in self.spec_of(s, enrollment).exit.on_outcome:
+        elif (
+            enrollment.status == EnrollmentStatus.active
+            and name in self.spec_of(s, enrollment).exit.on_outcome
+        ):
             self.end(s, enrollment, EnrollmentStatus.exited, f"outcome: {name}", now)
             effects.ended.append(enrollment.id or 0)
         s.flush()

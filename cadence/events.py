@@ -39,7 +39,9 @@ class DealData(BaseModel):
     status: Literal["open", "won", "lost"] | None = None
     amount: float | None = None
     currency: str | None = None
-    owner: str | None = Field(default=None, description="the manager who owns the deal (call tasks go to them)")
+    owner: str | None = Field(
+        default=None, description="the manager who owns the deal (call tasks go to them)"
+    )
     probability: float | None = Field(default=None, ge=0, le=1)
 
     _id = field_validator("id", mode="before")(_text_id)
@@ -50,7 +52,9 @@ class Event(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    event_id: str | None = Field(default=None, max_length=128, description="unique per source; repeats are ignored")
+    event_id: str | None = Field(
+        default=None, max_length=128, description="unique per source; repeats are ignored"
+    )
     type: EventType
     occurred_at: datetime | None = None
     contact: ContactData | None = None

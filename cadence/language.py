@@ -1,4 +1,4 @@
-"""The cadence language: the YAML a marketer writes, validated into frozen models with file:line:col errors."""
+"""The cadence language: the YAML a marketer writes, validated into frozen models; errors carry line:col."""
 
 from __future__ import annotations
 
@@ -97,7 +97,9 @@ def _timezone(value: str) -> str:
 def _country(value: str) -> str:
     code = value.upper()
     if code not in holidays.list_supported_countries():
-        raise ValueError(f"no public-holiday calendar for country {value!r}; use an ISO code such as RU, US, DE")
+        raise ValueError(
+            f"no public-holiday calendar for country {value!r}; use an ISO code such as RU, US, DE"
+        )
     return code
 
 
@@ -206,7 +208,7 @@ def _problem(file: str, located: yamlpos.Located, error: Any) -> Problem:
         return Problem(file, line, column, f"unknown key {key!r} at {where}", hint)
     line, column = located.where(loc)
     message = str(error["msg"]).removeprefix("Value error, ")
-    hint = None
+    hint: str | None = None
     if kind == "missing":
         message = f"{where} is required"
         if loc[-1] == "reason":
@@ -268,8 +270,13 @@ def parse(text: str, file: str) -> Parsed:
         if not step.template.startswith(f"{step.channel}/"):
             line, column = located.where(("steps", i, "template"))
             problems.append(
-                Problem(file, line, column, f"steps.{i}.template is outside its channel's folder",
-                        f"write {step.channel}/<name>")
+                Problem(
+                    file,
+                    line,
+                    column,
+                    f"steps.{i}.template is outside its channel's folder",
+                    f"write {step.channel}/<name>",
+                )
             )
     if problems:
         raise RulesError(problems)

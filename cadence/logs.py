@@ -9,7 +9,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 # Record attributes that are not the caller's `extra` fields (uvicorn adds an ANSI-coloured copy of the text).
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "color_message"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 class JsonFormatter(logging.Formatter):

@@ -1,4 +1,4 @@
-"""The store's tables: contacts, deals, cadence versions, enrollments, touches, outcomes, call tasks, events."""
+"""The store's tables: contacts, deals, cadence versions, enrollments, touches, outcomes, call tasks."""
 
 from __future__ import annotations
 

@@ -14,7 +14,6 @@ from cadence.language import CadenceSpec, Parsed, parse
 from channels import PARTS
 
 
-
 @dataclass(frozen=True)
 class RuleSet:
     cadences: dict[str, Parsed]
@@ -51,8 +50,13 @@ def _check_templates(parsed: Parsed, templates_dir: Path, env: jinja2.Environmen
             name = f"{step.template}{ext}"
             if not (templates_dir / name).is_file():
                 problems.append(
-                    Problem(parsed.file, line, column, f"template file {name} not found in {templates_dir}",
-                            f"create {templates_dir / name}")
+                    Problem(
+                        parsed.file,
+                        line,
+                        column,
+                        f"template file {name} not found in {templates_dir}",
+                        f"create {templates_dir / name}",
+                    )
                 )
                 continue
             try:
@@ -82,7 +86,9 @@ def load(paths: Iterable[Path], templates_dir: Path) -> RuleSet:
         name = one.spec.cadence
         if name in parsed:
             line, column = one.where(("cadence",))
-            problems.append(Problem(file, line, column, f"cadence {name!r} is also defined in {parsed[name].file}"))
+            problems.append(
+                Problem(file, line, column, f"cadence {name!r} is also defined in {parsed[name].file}")
+            )
             continue
         parsed[name] = one
         problems.extend(_check_templates(one, templates_dir, env))
@@ -91,8 +97,13 @@ def load(paths: Iterable[Path], templates_dir: Path) -> RuleSet:
             if target not in parsed:
                 line, column = one.where(("then", outcome))
                 problems.append(
-                    Problem(one.file, line, column, f"then.{outcome} names unknown cadence {target!r}",
-                            f"known cadences: {', '.join(sorted(parsed)) or 'none'}")
+                    Problem(
+                        one.file,
+                        line,
+                        column,
+                        f"then.{outcome} names unknown cadence {target!r}",
+                        f"known cadences: {', '.join(sorted(parsed)) or 'none'}",
+                    )
                 )
     if problems:
         raise RulesError(problems)

@@ -16,7 +16,7 @@ class ExpressionError(Exception):
 
 
 class TemplateError(Exception):
-    """A template that is missing, does not compile, uses an unknown variable, or was refused by the sandbox."""
+    """A template that is missing, does not compile, uses an unknown variable, or was refused."""
 
 
 class _MissingField(jinja2.Undefined):

@@ -88,9 +88,7 @@ class Scheduler:
             stale = s.exec(
                 select(Touch)
                 .where(
-                    (
-                        (col(Touch.status) == TouchStatus.queued) & (col(Touch.queued_at) < expired)
-                    )
+                    ((col(Touch.status) == TouchStatus.queued) & (col(Touch.queued_at) < expired))
                     | ((col(Touch.status) == TouchStatus.sending) & (col(Touch.sending_at) < expired))
                 )
                 .limit(self.batch_size)

@@ -7,10 +7,9 @@ import threading
 from datetime import timedelta
 from typing import Any
 
-from sqlmodel import col, select
-
 import dramatiq
 from dramatiq import Worker
+from sqlmodel import col, select
 
 from cadence import broker as brokers
 from cadence import rules as ruleset
@@ -62,7 +61,7 @@ class Service:
         self.actor = brokers.declare_dispatch(self.broker, self.dispatcher.dispatch)
         self.scheduler = Scheduler(
             self.db,
-            send=lambda touch_id: self.actor.send(touch_id),
+            send=self._queue,
             channels=self.channels,
             clock=clock,
             batch_size=settings.scheduler_batch_size,
@@ -93,10 +92,14 @@ class Service:
                 return None
             spec = self.engine.spec_of(s, enrollment)
             touches = s.exec(
-                select(Touch).where(Touch.enrollment_id == enrollment_id).order_by(col(Touch.due_at), col(Touch.id))
+                select(Touch)
+                .where(Touch.enrollment_id == enrollment_id)
+                .order_by(col(Touch.due_at), col(Touch.id))
             ).all()
             outcomes = s.exec(
-                select(Outcome).where(Outcome.enrollment_id == enrollment_id).order_by(col(Outcome.occurred_at))
+                select(Outcome)
+                .where(Outcome.enrollment_id == enrollment_id)
+                .order_by(col(Outcome.occurred_at))
             ).all()
             items: list[dict[str, Any]] = [
                 {
@@ -148,6 +151,9 @@ class Service:
                     for o in outcomes
                 ],
             }
+
+    def _queue(self, touch_id: int) -> None:
+        self.actor.send(touch_id)
 
     def _finish_lost(self, touch_id: int, reason: str) -> None:
         with store.session(self.db) as s:

@@ -1,4 +1,4 @@
-"""A cadence's timeline for one contact before anyone is enrolled: time zones, holidays, windows, conditions."""
+"""A cadence's timeline for one contact before anyone is enrolled: zones, holidays, windows, conditions."""
 
 from __future__ import annotations
 
@@ -59,6 +59,16 @@ def simulate(
             except sandbox.ExpressionError as exc:
                 sent, note = False, f"skipped: condition failed ({exc})"
         rows.append(
-            Row(index, step.day, due, due.astimezone(zone), step.channel, step.template, step.reason, sent, note)
+            Row(
+                index,
+                step.day,
+                due,
+                due.astimezone(zone),
+                step.channel,
+                step.template,
+                step.reason,
+                sent,
+                note,
+            )
         )
     return rows

@@ -59,8 +59,10 @@ def load(text: str) -> Located:
             result: dict[str, Any] = {}
             for key_node, value_node in n.value:
                 # Keys keep their text: YAML 1.1 would read `on:` as True.
-                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(
-                    constructor.construct_object(key_node, deep=True)
+                key = (
+                    key_node.value
+                    if isinstance(key_node, yaml.ScalarNode)
+                    else str(constructor.construct_object(key_node, deep=True))
                 )
                 if key in result:
                     line, column = _mark(key_node)

@@ -14,7 +14,6 @@ import jinja2
 
 from cadence import sandbox
 
-
 #: Each channel's template parts: part name -> file extension (`template: email/x` -> x.txt and x.html).
 PARTS: dict[str, dict[str, str]] = {
     "email": {"text": ".txt", "html": ".html"},

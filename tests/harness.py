@@ -88,7 +88,7 @@ class Harness:
         self.service._worker.join()
 
     def run_until(self, until: datetime) -> None:
-        """Move the clock to each due touch in turn up to `until`, letting scheduler and worker do their work."""
+        """Move the clock to each due touch in turn up to `until`; scheduler and worker do their work."""
         while True:
             self.service.scheduler.tick()
             self.drain()
@@ -109,7 +109,9 @@ class Harness:
 
     def touches(self, enrollment_id: int | None = None) -> list[Touch]:
         with store.session(self.service.db) as s:
-            query = select(Touch).order_by(col(Touch.enrollment_id), col(Touch.step_index), col(Touch.iteration))
+            query = select(Touch).order_by(
+                col(Touch.enrollment_id), col(Touch.step_index), col(Touch.iteration)
+            )
             if enrollment_id is not None:
                 query = query.where(Touch.enrollment_id == enrollment_id)
             return list(s.exec(query).all())

@@ -38,7 +38,9 @@ def test_due_touches_go_out_in_order_each_with_its_reason(cadence: Harness) -> N
     touches = cadence.touches()
     steps = OPEN_DEAL["steps"]
     assert [t.step_index for t in touches] == list(range(len(steps)))
-    assert all(t.status == TouchStatus.sent for t in touches), [(t.step_index, t.status_reason) for t in touches]
+    assert all(t.status == TouchStatus.sent for t in touches), [
+        (t.step_index, t.status_reason) for t in touches
+    ]
     assert [t.reason for t in touches] == [s["reason"].strip() for s in steps]
     assert [t.channel for t in touches] == [s["channel"] for s in steps]
     finished = [t.finished_at for t in touches]
@@ -49,7 +51,9 @@ def test_due_touches_go_out_in_order_each_with_its_reason(cadence: Harness) -> N
     outbox = cadence.service.settings.outbox_dir
     emails = sorted((outbox / "email").glob("*.eml"))
     assert len(emails) == sum(s["channel"] == "email" for s in steps)
-    first = BytesParser(policy=policy.default).parsebytes((outbox / "email" / f"{touches[0].key}.eml").read_bytes())
+    first = BytesParser(policy=policy.default).parsebytes(
+        (outbox / "email" / f"{touches[0].key}.eml").read_bytes()
+    )
     assert first["To"] == "Anna Petrova <anna@example.com>"
     assert first.get_body(("plain",)) is not None and first.get_body(("html",)) is not None
     sms = [json.loads(line) for line in (outbox / "sms.jsonl").read_text().splitlines()]
@@ -83,7 +87,9 @@ def test_replied_stops_the_rest(cadence: Harness) -> None:
     sent_before = [t for t in cadence.touches() if t.status == TouchStatus.sent]
     assert len(sent_before) == 2  # the day-0 email and the day-2 call
     [enrollment] = cadence.enrollments()
-    response = cadence.post("/outcomes", {"enrollment_id": enrollment.id, "outcome": "replied", "note": "call me"})
+    response = cadence.post(
+        "/outcomes", {"enrollment_id": enrollment.id, "outcome": "replied", "note": "call me"}
+    )
     assert response.status_code == 201, response.text
     assert response.json()["ended"] == [enrollment.id]
     cadence.run_days(40)
@@ -102,10 +108,15 @@ def test_a_lost_deal_moves_into_the_nurture(cadence: Harness) -> None:
     open_deal, nurture = cadence.enrollments()
     assert (open_deal.status, open_deal.end_reason) == ("exited", "deal lost")
     assert (nurture.cadence_name, nurture.status, nurture.deal_id) == (
-        "lost-prospect-nurture", "active", open_deal.deal_id,
+        "lost-prospect-nurture",
+        "active",
+        open_deal.deal_id,
     )
     assert response.json() == {
-        "event_id": "evt-2", "duplicate": False, "enrolled": [nurture.id], "ended": [open_deal.id],
+        "event_id": "evt-2",
+        "duplicate": False,
+        "enrolled": [nurture.id],
+        "ended": [open_deal.id],
     }
     assert all(t.status != TouchStatus.planned for t in cadence.touches(open_deal.id))
     cadence.run_days(8)

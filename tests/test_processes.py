@@ -150,7 +150,9 @@ def _walk_the_path(base: str, outbox: Path, group: Processes) -> None:
     timeline = _wait_for(three_sent, "three touches sent", group)
     touches = timeline["touches"]
     assert [t["reason"] for t in touches[:3]] == [
-        "The proposal recap.", "Book the walkthrough.", "Invitation to the round table.",
+        "The proposal recap.",
+        "Book the walkthrough.",
+        "Invitation to the round table.",
     ]
     assert touches[3]["status"] == "planned"
     [eml] = list((outbox / "email").glob("*.eml"))
@@ -181,7 +183,11 @@ def test_cadence_serve_alone_runs_the_embedded_default(
 @pytest.mark.integration
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_serve_worker_and_scheduler_processes_on_redis(
-    quick_rules: dict[str, str], processes: Any, tmp_path: Path, redis_url: str, database: str,
+    quick_rules: dict[str, str],
+    processes: Any,
+    tmp_path: Path,
+    redis_url: str,
+    database: str,
     request: pytest.FixtureRequest,
 ) -> None:
     env = {**quick_rules, "REDIS_URL": redis_url}
@@ -189,7 +195,9 @@ def test_serve_worker_and_scheduler_processes_on_redis(
         env["DATABASE_URL"] = request.getfixturevalue("postgres_url")
     port = free_port()
     group = processes({**env, "PORT": str(port)})
-    subprocess.run([sys.executable, "-m", "cadence", "migrate"], env=group.env, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "cadence", "migrate"], env=group.env, check=True, capture_output=True
+    )
     group.start("serve")
     group.start("worker", "--threads", "2")
     group.start("worker", "--threads", "2")
