@@ -203,9 +203,9 @@ def _problem(file: str, located: yamlpos.Located, error: Any) -> Problem:
         key = str(loc[-1])
         valid = _allowed_keys(loc)
         close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}?" if close else f"valid keys here: {', '.join(valid)}"
+        suggestion = f"did you mean {close[0]!r}?" if close else f"valid keys here: {', '.join(valid)}"
         line, column = located.where(loc, key=True)
-        return Problem(file, line, column, f"unknown key {key!r} at {where}", hint)
+        return Problem(file, line, column, f"unknown key {key!r} at {where}", suggestion)
     line, column = located.where(loc)
     message = str(error["msg"]).removeprefix("Value error, ")
     hint: str | None = None
