@@ -24,10 +24,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cadence import store
-from cadence.engine import EngineError
-from cadence.events import Event
+from cadence.engine import Effects, EngineError
 from cadence.language import OutcomeName
-from cadence.models import CallTask, InboundEvent
+from cadence.models import CallTask
 from cadence.service import Service, run_embedded
 
 log = logging.getLogger(__name__)
@@ -90,16 +89,18 @@ def verify_signature(secret: str, header: str | None, body: bytes, now: float, t
         return "signature timestamp `t` is not a number"
     if abs(now - stamp) > tolerance:
         return f"signature timestamp is more than {tolerance} s away from now"
-    expected = hmac.new(secret.encode(), f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, parts.get("v1", "")):
+    if not hmac.compare_digest(_digest(secret, body, stamp), parts.get("v1", "")):
         return "signature does not match the body"
     return None
 
 
 def sign(secret: str, body: bytes, stamp: int) -> str:
     """The header value a sender puts in X-Cadence-Signature."""
-    digest = hmac.new(secret.encode(), f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={stamp},v1={digest}"
+    return f"t={stamp},v1={_digest(secret, body, stamp)}"
+
+
+def _digest(secret: str, body: bytes, stamp: int) -> str:
+    return hmac.new(secret.encode(), f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
 
 
 class OutcomeIn(BaseModel):
@@ -137,69 +138,21 @@ def create_app(service: Service, background: bool = True) -> Starlette:
         return await sync(_receive, source, body)
 
     def _receive(source: str, body: bytes) -> Response:
-        now = service.clock()
-        payload: Any = None
-        problem: _JSON | None = None
-        why: str | None = None
-        try:
-            payload = _json_body(body)
-            event = Event.model_validate(payload)
-        except HTTPException as exc:
-            why = str(exc.detail)
-            problem = error(400, "unreadable", why, "body")
-        except ValidationError as exc:
-            why = str(exc)
-            problem = _validation_error(exc)
-        event_id = (
-            str(payload["event_id"])
-            if isinstance(payload, dict) and payload.get("event_id") is not None
-            else "sha256:" + hashlib.sha256(body).hexdigest()
-        )
-        row = InboundEvent(
-            source=source,
-            event_id=event_id[:128],
-            type=payload.get("type")
-            if isinstance(payload, dict) and isinstance(payload.get("type"), str)
-            else None,
-            body=body.decode("utf-8", errors="replace"),
-            received_at=now,
-            status="rejected" if problem else "received",
-            error=why,
-        )
-        try:
-            with store.session(service.db) as s:
-                s.add(row)
-        except sa.exc.IntegrityError:
-            service.metrics.webhooks.labels(source, "duplicate").inc()
-            if problem:
-                return problem
-            return _JSON({"event_id": event_id, "duplicate": True, "enrolled": [], "ended": []})
-        if problem:
-            service.metrics.webhooks.labels(source, "rejected").inc()
-            return problem
-        try:
-            with store.session(service.db) as s:
-                effects = service.engine.handle_event(s, source, event, now)
-                stored = s.get_one(InboundEvent, row.id)
-                stored.status, stored.processed_at = "processed", now
-        except EngineError as exc:
-            _mark_event(row.id, "failed", str(exc), now)
-            service.metrics.webhooks.labels(source, "failed").inc()
-            return error(422, "not_applicable", str(exc), exc.field)
-        except Exception as exc:
-            _mark_event(row.id, "failed", repr(exc), now)
-            raise
-        service.metrics.webhooks.labels(source, "processed").inc()
-        log.info("event processed", extra={"source": source, "event_id": event_id, "type": event.type})
+        intake = service.inbox.receive(source, body)
+        if intake.rejection is not None:
+            r = intake.rejection
+            extra = {"problems": r.problems} if r.problems else {}
+            return error(r.status, r.code, r.message, r.field, **extra)
+        effects = intake.effects or Effects()
         return _JSON(
-            {"event_id": event_id, "duplicate": False, "enrolled": effects.enrolled, "ended": effects.ended},
-            status_code=202,
+            {
+                "event_id": intake.event_id,
+                "duplicate": intake.duplicate,
+                "enrolled": effects.enrolled,
+                "ended": effects.ended,
+            },
+            status_code=200 if intake.duplicate else 202,
         )
-
-    def _mark_event(row_id: int | None, status: str, message: str, now: datetime) -> None:
-        with store.session(service.db) as s:
-            stored = s.get_one(InboundEvent, row_id)
-            stored.status, stored.error, stored.processed_at = status, message, now
 
     async def outcomes(request: Request) -> Response:
         try:

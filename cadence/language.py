@@ -63,6 +63,7 @@ OutcomeName = Literal[
 ChannelName = Literal["email", "sms", "call", "letter"]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+_TEMPLATE = re.compile(r"^(email|sms|call|letter)(/[A-Za-z0-9_][A-Za-z0-9_.-]*)+$")
 _WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 
 
@@ -77,6 +78,14 @@ def _expression(source: str) -> str:
 def _cadence_name(value: str) -> str:
     if not _NAME.match(value):
         raise ValueError("a cadence name is lowercase letters, digits and dashes, e.g. open-deal")
+    return value
+
+
+def _template(value: str) -> str:
+    if not _TEMPLATE.match(value) or any(part.startswith(".") for part in value.split("/")):
+        raise ValueError(
+            f"template {value!r} is not <channel>/<name>: a folder under templates/, no '..' or leading '.'"
+        )
     return value
 
 
@@ -162,7 +171,7 @@ class Calendar(_Model):
 class Step(_Model):
     day: Annotated[int, Field(ge=0, le=3650)]
     channel: ChannelName
-    template: Annotated[str, Field(min_length=1)]
+    template: Annotated[str, AfterValidator(_template)]
     reason: Reason
     when: Expression | None = None
 

@@ -31,7 +31,34 @@ class _MissingField(jinja2.Undefined):
     __lt__ = __le__ = __gt__ = __ge__ = _false  # type: ignore[assignment]
 
 
-_expressions = ImmutableSandboxedEnvironment(undefined=_MissingField)
+#: Longest string or list that `*` may build in a condition or template.
+MAX_REPEAT = 100_000
+#: Largest exponent `**` may raise to.
+MAX_EXPONENT = 1_000
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Refuses internals at the first step (not as a silent undefined) and bounds `*` and `**`."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
+        raise jinja2.exceptions.SecurityError(
+            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
+        )
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int | float) and abs(right) > MAX_EXPONENT:
+            raise jinja2.exceptions.SecurityError(f"exponent {right} is over {MAX_EXPONENT}")
+        if operator == "*":
+            for sized, count in ((left, right), (right, left)):
+                repeats = isinstance(sized, str | list | tuple) and isinstance(count, int)
+                if repeats and len(sized) * count > MAX_REPEAT:
+                    raise jinja2.exceptions.SecurityError(f"`*` would build over {MAX_REPEAT} items")
+        return super().call_binop(context, operator, left, right)
+
+
+_expressions = _Sandbox(undefined=_MissingField)
 
 
 @lru_cache(maxsize=1024)
@@ -43,11 +70,18 @@ def compile_expression(source: str) -> Any:
         raise ExpressionError(exc.message or str(exc)) from exc
 
 
+def _present(value: Any) -> Any:
+    """A record with its null fields dropped, so a field sent as null reads like one never sent."""
+    if isinstance(value, Mapping):
+        return {k: v for k, v in value.items() if v is not None}
+    return value
+
+
 def evaluate(source: str, context: Mapping[str, Any]) -> Any:
-    """Evaluate a condition; missing fields are undefined (falsy), reaching internals is an error."""
+    """Evaluate a condition; missing or null fields are undefined (falsy), reaching internals is an error."""
     expression = compile_expression(source)
     try:
-        value = expression(**context)
+        value = expression(**{name: _present(value) for name, value in context.items()})
     except jinja2.exceptions.SecurityError as exc:
         raise ExpressionError(f"refused by the sandbox: {exc}") from exc
     except (jinja2.UndefinedError, TypeError, ValueError, ArithmeticError) as exc:
@@ -61,9 +95,9 @@ def truthy(source: str, context: Mapping[str, Any]) -> bool:
     return bool(evaluate(source, context))
 
 
-def template_environment(templates_dir: Path) -> ImmutableSandboxedEnvironment:
+def template_environment(templates_dir: Path) -> jinja2.Environment:
     """Templates: autoescape for .html, undefined variables are errors, only files under templates_dir."""
-    return ImmutableSandboxedEnvironment(
+    return _Sandbox(
         loader=jinja2.FileSystemLoader(str(templates_dir)),
         undefined=jinja2.StrictUndefined,
         autoescape=jinja2.select_autoescape(enabled_extensions=("html", "htm"), default_for_string=False),
@@ -75,7 +109,9 @@ def render(env: jinja2.Environment, name: str, context: Mapping[str, Any]) -> st
     try:
         return env.get_template(name).render(context)
     except jinja2.TemplateNotFound as exc:
-        raise TemplateError(f"template not found: {name}") from exc
+        missing = exc.name if isinstance(exc.name, str) else name
+        where = "" if missing == name else f"{name}: "
+        raise TemplateError(f"{where}template not found: {missing}") from exc
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"{name}:{exc.lineno}: {exc.message}") from exc
     except jinja2.exceptions.SecurityError as exc:

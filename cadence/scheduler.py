@@ -9,7 +9,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlmodel import col, select
@@ -24,11 +24,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Tick:
-    """What one pass did: ids sent to the broker, and touches taken back from a lost send."""
+    """What one pass did: touches sent to the broker, taken back from a loss, and inbox events replayed."""
 
     queued: list[int] = field(default_factory=list)
     requeued: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
+    replayed: list[int] = field(default_factory=list)
 
 
 class Scheduler:
@@ -41,6 +42,7 @@ class Scheduler:
         batch_size: int,
         lease: timedelta,
         finish_lost: Callable[[int, str], None],
+        replay_inbox: Callable[[datetime], list[int]],
     ) -> None:
         self.db = db
         self.send = send
@@ -49,10 +51,11 @@ class Scheduler:
         self.batch_size = batch_size
         self.lease = lease
         self.finish_lost = finish_lost
+        self.replay_inbox = replay_inbox
 
     def tick(self) -> Tick:
-        """One pass: claim what is due, re-send what the broker lost, settle sends a worker lost."""
-        result = Tick()
+        """One pass: finish events a crash interrupted, claim what is due, re-send what was lost."""
+        result = Tick(replayed=self.replay_inbox(self.clock() - self.lease))
         while True:
             batch = self._claim_due()
             result.queued.extend(batch)

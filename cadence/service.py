@@ -17,6 +17,7 @@ from cadence import sandbox, store
 from cadence.clock import Clock, system_clock
 from cadence.dispatch import Dispatcher
 from cadence.engine import Engine
+from cadence.inbox import Inbox
 from cadence.metrics import Metrics
 from cadence.models import Contact, Enrollment, Outcome, Touch, TouchStatus
 from cadence.rules import RuleSet
@@ -57,6 +58,7 @@ class Service:
         self.dispatcher = Dispatcher(
             self.db, self.engine, self.channels, self.templates, settings.sender(), clock, self.metrics
         )
+        self.inbox = Inbox(self.db, self.engine, clock, self.metrics)
         self.broker = brokers.create_broker(settings.redis_url)
         self.actor = brokers.declare_dispatch(self.broker, self.dispatcher.dispatch)
         self.scheduler = Scheduler(
@@ -67,6 +69,7 @@ class Service:
             batch_size=settings.scheduler_batch_size,
             lease=timedelta(seconds=settings.lease_seconds),
             finish_lost=self._finish_lost,
+            replay_inbox=self.inbox.replay,
         )
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()

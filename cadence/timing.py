@@ -15,14 +15,18 @@ _DAY_END = time(23, 59, 59, 999999)
 
 
 @lru_cache(maxsize=256)
-def _holidays(country: str, year: int) -> frozenset[date]:
-    return frozenset(holidays.country_holidays(country, years=year).keys())
+def _days_off(country: str, year: int) -> frozenset[date]:
+    """The country's non-working days of a year: weekends and public holidays, less weekend workdays."""
+    calendar = holidays.country_holidays(country, years=year)
+    first = date(year, 1, 1)
+    days = (first + timedelta(days=n) for n in range((date(year + 1, 1, 1) - first).days))
+    return frozenset(day for day in days if not calendar.is_working_day(day))
 
 
 def is_business_day(day: date, country: str | None) -> bool:
-    if day.weekday() >= 5:
-        return False
-    return not (country and day in _holidays(country, day.year))
+    if not country:
+        return day.weekday() < 5
+    return day not in _days_off(country, day.year)
 
 
 def _next_open_day(day: date, calendar: Calendar) -> date:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,19 @@ class YamlSyntaxError(Exception):
         self.column = column
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans, only true/false: YAML 1.1 also reads yes/no/on/off, so `country: NO` was False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
 def _mark(node: yaml.Node) -> tuple[int, int]:
     return (node.start_mark.line + 1, node.start_mark.column + 1)
 
@@ -43,7 +57,7 @@ def _mark(node: yaml.Node) -> tuple[int, int]:
 def load(text: str) -> Located:
     """Parse one YAML document; duplicate keys are a syntax error (YAML says keys are unique)."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -51,14 +65,14 @@ def load(text: str) -> Located:
     located = Located(data=None)
     if node is None:
         return located
-    constructor = yaml.SafeLoader("")
+    constructor = _Loader("")
 
     def build(n: yaml.Node, path: Path_) -> Any:
         located.values[path] = _mark(n)
         if isinstance(n, yaml.MappingNode):
             result: dict[str, Any] = {}
             for key_node, value_node in n.value:
-                # Keys keep their text: YAML 1.1 would read `on:` as True.
+                # Keys keep their text whatever they look like.
                 key = (
                     key_node.value
                     if isinstance(key_node, yaml.ScalarNode)

@@ -1,0 +1,155 @@
+"""The inbox: every CRM delivery is stored raw and committed before anything acts on it.
+
+An accepted event that a crash kept from being processed is found by the scheduler and processed then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import ValidationError
+from sqlmodel import col, select
+
+from cadence import store
+from cadence.clock import Clock
+from cadence.engine import Effects, Engine, EngineError
+from cadence.events import Event
+from cadence.metrics import Metrics
+from cadence.models import InboundEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a delivery was not accepted, as the API reports it."""
+
+    status: int
+    code: str
+    message: str
+    field: str | None
+    problems: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Intake:
+    event_id: str
+    duplicate: bool = False
+    effects: Effects | None = None
+    rejection: Rejection | None = None
+
+
+def _read(body: bytes) -> tuple[Any, Event | None, Rejection | None]:
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, None, Rejection(400, "unreadable", f"body is not JSON: {exc}", "body")
+    try:
+        return payload, Event.model_validate(payload), None
+    except ValidationError as exc:
+        problems = [
+            {"field": ".".join(str(p) for p in e["loc"]) or None, "message": e["msg"]} for e in exc.errors()
+        ]
+        first = problems[0]
+        message = f"{first['field'] or 'body'}: {first['message']}"
+        return payload, None, Rejection(422, "invalid", message, first["field"], problems)
+
+
+def _event_id(payload: Any, body: bytes) -> str:
+    if isinstance(payload, dict) and payload.get("event_id") is not None:
+        return str(payload["event_id"])[:128]
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+class Inbox:
+    def __init__(self, db: sa.Engine, engine: Engine, clock: Clock, metrics: Metrics) -> None:
+        self.db = db
+        self.engine = engine
+        self.clock = clock
+        self.metrics = metrics
+
+    def receive(self, source: str, body: bytes) -> Intake:
+        """Store the delivery (a rejected one too, for inspection), then act on it."""
+        now = self.clock()
+        payload, event, rejection = _read(body)
+        event_id = _event_id(payload, body)
+        kind = payload.get("type") if isinstance(payload, dict) else None
+        row = InboundEvent(
+            source=source,
+            event_id=event_id,
+            type=kind[:64] if isinstance(kind, str) else None,
+            body=body.decode("utf-8", errors="replace"),
+            received_at=now,
+            status="rejected" if rejection else "received",
+            error=rejection.message if rejection else None,
+        )
+        try:
+            with store.session(self.db) as s:
+                s.add(row)
+        except sa.exc.IntegrityError:
+            self.metrics.webhooks.labels(source, "duplicate").inc()
+            return Intake(event_id, duplicate=True, rejection=rejection)
+        if rejection is not None or event is None:
+            self.metrics.webhooks.labels(source, "rejected").inc()
+            return Intake(event_id, rejection=rejection)
+        try:
+            effects = self.process(row.id or 0, source, event)
+        except EngineError as exc:
+            return Intake(event_id, rejection=Rejection(422, "not_applicable", str(exc), exc.field))
+        return Intake(event_id, effects=effects or Effects())
+
+    def process(self, row_id: int, source: str, event: Event) -> Effects | None:
+        """Act on a stored event once: None when another process already has."""
+        now = self.clock()
+        try:
+            with store.session(self.db) as s:
+                row = s.exec(
+                    select(InboundEvent)
+                    .where(InboundEvent.id == row_id, InboundEvent.status == "received")
+                    .with_for_update()
+                ).first()
+                if row is None:
+                    return None
+                effects = self.engine.handle_event(s, source, event, now)
+                row.status, row.processed_at = "processed", now
+        except Exception as exc:
+            self._mark_failed(row_id, str(exc) if isinstance(exc, EngineError) else repr(exc), now)
+            self.metrics.webhooks.labels(source, "failed").inc()
+            raise
+        self.metrics.webhooks.labels(source, "processed").inc()
+        log.info("event processed", extra={"source": source, "event_id": event.event_id, "type": event.type})
+        return effects
+
+    def _mark_failed(self, row_id: int, message: str, now: datetime) -> None:
+        with store.session(self.db) as s:
+            row = s.get_one(InboundEvent, row_id)
+            row.status, row.error, row.processed_at = "failed", message, now
+
+    def replay(self, received_before: datetime) -> list[int]:
+        """Process accepted events still unprocessed from before `received_before`: a crash cut them short."""
+        with store.session(self.db) as s:
+            stale = s.exec(
+                select(InboundEvent.id, InboundEvent.source, InboundEvent.body)
+                .where(InboundEvent.status == "received", col(InboundEvent.received_at) < received_before)
+                .order_by(col(InboundEvent.id))
+            ).all()
+        done = []
+        for row_id, source, body in stale:
+            _, event, _ = _read(body.encode("utf-8"))
+            if event is None:
+                continue
+            try:
+                if self.process(row_id or 0, source, event) is not None:
+                    done.append(row_id or 0)
+            except EngineError:
+                continue
+        if done:
+            log.warning("replayed unprocessed events", extra={"events": done})
+        return done

@@ -1,0 +1,206 @@
+"""The `cadence` command line: lint and simulate, as a marketer runs them."""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from cadence.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+RULES = ROOT / "rules"
+TEMPLATES = ROOT / "templates"
+OPEN_DEAL = RULES / "open-deal.yaml"
+
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CliRunner:
+    # Settings() reads the environment and a .env in the working folder: keep both out of the way.
+    for name in ("RULES_DIR", "TEMPLATES_DIR", "DEFAULT_TIMEZONE", "DATABASE_URL", "REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    workdir = tmp_path / "workdir"  # not above the rule files, so lint prints their paths as given
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    return CliRunner()
+
+
+def invoke(runner: CliRunner, *args: str) -> Result:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def simulate_json(runner: CliRunner, *args: str) -> list[dict[str, Any]]:
+    result = invoke(runner, "simulate", str(OPEN_DEAL), *args, "--format", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert isinstance(rows, list)
+    return rows
+
+
+BROKEN = """\
+cadence: broken
+steps:
+  - day: 0
+    channel: emial
+    template: email/deal-01-proposal-recap
+    reason: Recap.
+"""
+
+
+@pytest.fixture
+def broken(tmp_path: Path) -> Path:
+    path = tmp_path / "broken.yaml"
+    path.write_text(BROKEN, encoding="utf-8")
+    return path
+
+
+# --- help -----------------------------------------------------------------------------------------------
+
+
+def test_help_lists_the_commands(runner: CliRunner) -> None:
+    result = invoke(runner, "--help")
+    assert result.exit_code == 0
+    for command in ("serve", "worker", "scheduler", "migrate", "lint", "simulate"):
+        assert command in result.output
+
+
+# --- lint -----------------------------------------------------------------------------------------------
+
+
+def test_lint_on_the_shipped_rules_exits_0(runner: CliRunner) -> None:
+    result = invoke(runner, "lint", RULES, "--templates", TEMPLATES)
+    assert result.exit_code == 0, result.output
+    for name in ("open-deal", "onboarding", "lost-prospect-nurture"):
+        assert name in result.stdout
+
+
+def test_lint_on_a_broken_file_exits_1_with_file_line_column(runner: CliRunner, broken: Path) -> None:
+    result = invoke(runner, "lint", broken, "--templates", TEMPLATES)
+    assert result.exit_code == 1
+    # `channel: emial` is on line 4; its value starts at column 14.
+    assert f"{broken}:4:14:" in result.stdout
+    assert "did you mean 'email'?" in result.stdout
+
+
+def test_lint_json_parses_and_carries_line_and_column(runner: CliRunner, broken: Path) -> None:
+    result = invoke(runner, "lint", broken, "--templates", TEMPLATES, "--format", "json")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["ok"] is False
+    [problem] = report["problems"]
+    assert (problem["file"], problem["line"], problem["column"]) == (str(broken), 4, 14)
+    assert problem["severity"] == "error"
+    assert problem["hint"] == "did you mean 'email'?"
+
+
+def test_lint_json_on_the_shipped_rules(runner: CliRunner) -> None:
+    result = invoke(runner, "lint", RULES, "--templates", TEMPLATES, "--format", "json")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    cadences = ["lost-prospect-nurture", "onboarding", "open-deal"]
+    assert report == {"ok": True, "cadences": cadences, "problems": []}
+
+
+def test_lint_checks_templates_in_the_given_folder(runner: CliRunner, tmp_path: Path) -> None:
+    # The shipped rules are fine against their own templates, and not against an empty folder.
+    empty = tmp_path / "no-templates"
+    empty.mkdir()
+    result = invoke(runner, "lint", RULES, "--templates", empty, "--format", "json")
+    assert result.exit_code == 1
+    problems = json.loads(result.stdout)["problems"]
+    assert problems
+    assert all("not found" in p["message"] and p["line"] > 1 and p["column"] > 1 for p in problems)
+
+
+def test_lint_on_a_missing_path_is_an_error(runner: CliRunner, tmp_path: Path) -> None:
+    result = invoke(runner, "lint", tmp_path / "nowhere.yaml", "--templates", TEMPLATES)
+    assert result.exit_code != 0
+    assert "nowhere.yaml" in result.output
+
+
+# --- simulate -------------------------------------------------------------------------------------------
+
+# Start Monday 28 Dec 2026 (midnight, so day 0 opens at 09:00). Business days in RU: 29 Dec = 1,
+# 30 Dec = 2, then 31 Dec and 1-8 Jan are days off and 9-10 Jan a weekend, so 11 Jan = 3 ... 15 Jan = 7,
+# 18-22 Jan = 8-12, 25-29 Jan = 13-17, 1 Feb = 18, 2 Feb = 19. Steps: business days 0, 2, 5, 7, 9, 12, 15, 19.
+EXPECTED_DATES = [
+    date(2026, 12, 28),
+    date(2026, 12, 30),
+    date(2027, 1, 13),
+    date(2027, 1, 15),
+    date(2027, 1, 19),
+    date(2027, 1, 22),
+    date(2027, 1, 27),
+    date(2027, 2, 2),
+]
+
+
+def test_simulate_skips_russian_new_year_and_skips_the_letter_for_a_young_contact(runner: CliRunner) -> None:
+    rows = simulate_json(runner, "--start", "2026-12-28", "--contact", '{"age": 30}')
+    assert [row["step"] for row in rows] == list(range(8))
+    local = [datetime.fromisoformat(row["local"]) for row in rows]
+    assert [t.date() for t in local] == EXPECTED_DATES
+    assert all(not (date(2026, 12, 31) <= t.date() <= date(2027, 1, 8)) for t in local)
+    assert {t.utcoffset() for t in local} == {timedelta(hours=3)}  # Moscow
+    assert all((t.hour, t.minute) == (9, 0) for t in local)
+    letter = [row for row in rows if row["channel"] == "letter"]
+    assert len(letter) == 1
+    assert letter[0]["sent"] is False
+    assert letter[0]["note"]
+    assert all(row["sent"] for row in rows if row["channel"] != "letter")
+    assert all(row["reason"] for row in rows)
+
+
+def test_simulate_sends_the_letter_to_a_senior_contact(runner: CliRunner) -> None:
+    rows = simulate_json(runner, "--start", "2026-12-28", "--contact", '{"age": 60}')
+    assert [datetime.fromisoformat(row["local"]).date() for row in rows] == EXPECTED_DATES
+    assert all(row["sent"] for row in rows)
+    assert [row["channel"] for row in rows if row["sent"]].count("letter") == 1
+
+
+def test_simulate_tz_changes_the_local_times_zone(runner: CliRunner) -> None:
+    rows = simulate_json(
+        runner, "--start", "2026-12-28", "--contact", '{"age": 30}', "--tz", "America/New_York"
+    )
+    local = [datetime.fromisoformat(row["local"]) for row in rows]
+    # New York in winter is UTC-5; the start is midnight there, so day 0 opens at 09:00 New York time.
+    assert {t.utcoffset() for t in local} == {timedelta(hours=-5)}
+    assert all((t.hour, t.minute) == (9, 0) for t in local)
+    # The contact has no country, so the cadence's RU holidays still apply.
+    assert [t.date() for t in local] == EXPECTED_DATES
+    due = [datetime.fromisoformat(row["due_at"]) for row in rows]
+    assert [d.hour for d in due] == [14] * 8  # 09:00 EST is 14:00 UTC
+
+
+def test_simulate_table_output_runs(runner: CliRunner) -> None:
+    result = invoke(runner, "simulate", OPEN_DEAL, "--start", "2026-12-28")
+    assert result.exit_code == 0, result.output
+    assert "open-deal" in result.stdout
+    assert "2027-01-13" in result.stdout
+
+
+@pytest.mark.parametrize("start", ["2026-13-45", "next tuesday", "28.12.2026"])
+def test_simulate_bad_start_is_a_clear_error(runner: CliRunner, start: str) -> None:
+    result = invoke(runner, "simulate", OPEN_DEAL, "--start", start)
+    assert result.exit_code != 0
+    assert start in result.output
+    assert "YYYY-MM-DD" in result.output
+    assert "Traceback" not in result.output
+    assert not isinstance(result.exception, ValueError)
+
+
+def test_simulate_bad_contact_json_is_a_clear_error(runner: CliRunner) -> None:
+    result = invoke(runner, "simulate", OPEN_DEAL, "--start", "2026-12-28", "--contact", "{age: 30}")
+    assert result.exit_code != 0
+    assert "--contact" in result.output
+    assert "JSON" in result.output
+
+
+def test_simulate_broken_file_exits_1_with_position(runner: CliRunner, broken: Path) -> None:
+    result = invoke(runner, "simulate", broken, "--start", "2026-12-28")
+    assert result.exit_code == 1
+    assert f"{broken}:4:14:" in result.output
