@@ -10,7 +10,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import date, datetime
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
+from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -25,6 +26,7 @@ from starlette.routing import Route
 
 from cadence import store
 from cadence.engine import Effects, EngineError
+from cadence.inbox import parse_json
 from cadence.language import OutcomeName
 from cadence.models import CallTask
 from cadence.service import Service, run_embedded
@@ -73,9 +75,9 @@ async def _body(request: Request) -> bytes:
 
 def _json_body(body: bytes) -> Any:
     try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HTTPException(400, f"body is not JSON: {exc}") from exc
+        return parse_json(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HTTPException(400, f"body is not JSON that can be stored: {exc}") from exc
 
 
 def verify_signature(secret: str, header: str | None, body: bytes, now: float, tolerance: int) -> str | None:
@@ -89,7 +91,8 @@ def verify_signature(secret: str, header: str | None, body: bytes, now: float, t
         return "signature timestamp `t` is not a number"
     if abs(now - stamp) > tolerance:
         return f"signature timestamp is more than {tolerance} s away from now"
-    if not hmac.compare_digest(_digest(secret, body, stamp), parts.get("v1", "")):
+    given = parts.get("v1", "")
+    if not given.isascii() or not hmac.compare_digest(_digest(secret, body, stamp), given):
         return "signature does not match the body"
     return None
 
@@ -103,11 +106,16 @@ def _digest(secret: str, body: bytes, stamp: int) -> str:
     return hmac.new(secret.encode(), f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
 
 
+#: Largest id the store can hold (a signed 64-bit integer).
+MAX_ID = 2**63 - 1
+Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+
+
 class OutcomeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    touch_id: int | None = None
-    enrollment_id: int | None = None
+    touch_id: Id | None = None
+    enrollment_id: Id | None = None
     outcome: OutcomeName
     note: str | None = Field(default=None, max_length=10_000)
 
@@ -115,6 +123,7 @@ class OutcomeIn(BaseModel):
 def create_app(service: Service, background: bool = True) -> Starlette:
     """The ASGI app; with `background`, the embedded worker and scheduler run for the app's lifetime."""
     settings = service.settings
+    local_zone = ZoneInfo(settings.default_timezone)
 
     async def sync(fn: Callable[..., T], *args: Any) -> T:
         return await run_in_threadpool(fn, *args)
@@ -191,10 +200,10 @@ def create_app(service: Service, background: bool = True) -> Starlette:
         )
 
     async def enrollment(request: Request) -> Response:
-        try:
-            enrollment_id = int(request.path_params["id"])
-        except ValueError:
-            return error(422, "invalid", "enrollment id is a number", "id")
+        raw = request.path_params["id"]
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_ID:
+            return error(422, "invalid", f"enrollment id is a whole number from 1 to {MAX_ID}", "id")
+        enrollment_id = int(raw)
         found = await sync(service.timeline, enrollment_id)
         if found is None:
             return error(404, "not_found", f"no enrollment {enrollment_id}", "id")
@@ -204,7 +213,7 @@ def create_app(service: Service, background: bool = True) -> Starlette:
         owner = request.query_params.get("owner")
         raw = request.query_params.get("date")
         try:
-            day = date.fromisoformat(raw) if raw else service.clock().date()
+            day = date.fromisoformat(raw) if raw else service.clock().astimezone(local_zone).date()
         except ValueError:
             return error(422, "invalid", f"date {raw!r} is not YYYY-MM-DD", "date")
         return _JSON(await sync(_call_tasks, owner, day))

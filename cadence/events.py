@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cadence.language import EventType
 
@@ -62,10 +62,7 @@ class Event(BaseModel):
 
     _id = field_validator("event_id", mode="before")(_text_id)
 
-    @model_validator(mode="after")
-    def _subject(self) -> Event:
-        if self.type.startswith("contact.") and self.contact is None:
-            raise ValueError(f"a {self.type} event needs `contact`")
-        if self.type.startswith("deal.") and self.deal is None:
-            raise ValueError(f"a {self.type} event needs `deal`")
-        return self
+    def missing_subject(self) -> str | None:
+        """`contact` or `deal` when the event type needs it and the body lacks it."""
+        subject = self.type.partition(".")[0]
+        return subject if getattr(self, subject) is None else None

@@ -46,13 +46,41 @@ class Intake:
     rejection: Rejection | None = None
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(body: bytes) -> Any:
+    """Strict JSON: no NaN or Infinity, no NUL characters (no database text column holds them)."""
+    if b"\x00" in body:
+        raise ValueError("body contains a NUL byte")
+    payload = json.loads(body, parse_constant=_no_constant)
+    path = _nul_path(payload, "")
+    if path is not None:
+        raise ValueError(f"{path or 'body'} contains a NUL character")
+    return payload
+
+
+def _nul_path(value: Any, path: str) -> str | None:
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and "\x00" in key:
+            return path
+        found = _nul_path(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 def _read(body: bytes) -> tuple[Any, Event | None, Rejection | None]:
     try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, None, Rejection(400, "unreadable", f"body is not JSON: {exc}", "body")
+        payload = parse_json(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        return None, None, Rejection(400, "unreadable", f"body is not JSON that can be stored: {exc}", "body")
     try:
-        return payload, Event.model_validate(payload), None
+        event = Event.model_validate(payload)
     except ValidationError as exc:
         problems = [
             {"field": ".".join(str(p) for p in e["loc"]) or None, "message": e["msg"]} for e in exc.errors()
@@ -60,6 +88,12 @@ def _read(body: bytes) -> tuple[Any, Event | None, Rejection | None]:
         first = problems[0]
         message = f"{first['field'] or 'body'}: {first['message']}"
         return payload, None, Rejection(422, "invalid", message, first["field"], problems)
+    missing = event.missing_subject()
+    if missing is not None:
+        message = f"{missing}: a {event.type} event needs `{missing}`"
+        problems = [{"field": missing, "message": message}]
+        return payload, None, Rejection(422, "invalid", message, missing, problems)
+    return payload, event, None
 
 
 def _event_id(payload: Any, body: bytes) -> str:
@@ -83,9 +117,10 @@ class Inbox:
         kind = payload.get("type") if isinstance(payload, dict) else None
         row = InboundEvent(
             source=source,
-            event_id=event_id,
-            type=kind[:64] if isinstance(kind, str) else None,
-            body=body.decode("utf-8", errors="replace"),
+            event_id=event_id.replace("\x00", "\ufffd"),
+            type=kind[:64].replace("\x00", "\ufffd") if isinstance(kind, str) else None,
+            # Kept for inspection even when rejected; NUL cannot be stored, so it is shown as U+FFFD.
+            body=body.decode("utf-8", errors="replace").replace("\x00", "\ufffd"),
             received_at=now,
             status="rejected" if rejection else "received",
             error=rejection.message if rejection else None,
@@ -94,8 +129,11 @@ class Inbox:
             with store.session(self.db) as s:
                 s.add(row)
         except sa.exc.IntegrityError:
-            self.metrics.webhooks.labels(source, "duplicate").inc()
-            return Intake(event_id, duplicate=True, rejection=rejection)
+            retried = self._retry(row) if rejection is None else None
+            if retried is None:
+                self.metrics.webhooks.labels(source, "duplicate").inc()
+                return Intake(event_id, duplicate=True, rejection=rejection)
+            row = retried
         if rejection is not None or event is None:
             self.metrics.webhooks.labels(source, "rejected").inc()
             return Intake(event_id, rejection=rejection)
@@ -104,6 +142,24 @@ class Inbox:
         except EngineError as exc:
             return Intake(event_id, rejection=Rejection(422, "not_applicable", str(exc), exc.field))
         return Intake(event_id, effects=effects or Effects())
+
+    def _retry(self, delivery: InboundEvent) -> InboundEvent | None:
+        """A new delivery of a rejected or failed event takes its place; None for a true duplicate."""
+        with store.session(self.db) as s:
+            row = s.exec(
+                select(InboundEvent)
+                .where(
+                    InboundEvent.source == delivery.source,
+                    InboundEvent.event_id == delivery.event_id,
+                    col(InboundEvent.status).in_(["rejected", "failed"]),
+                )
+                .with_for_update()
+            ).first()
+            if row is None:
+                return None
+            row.body, row.type, row.received_at = delivery.body, delivery.type, delivery.received_at
+            row.status, row.error, row.processed_at = "received", None, None
+            return row
 
     def process(self, row_id: int, source: str, event: Event) -> Effects | None:
         """Act on a stored event once: None when another process already has."""

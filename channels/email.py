@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import format_datetime, formataddr
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,8 +26,9 @@ def split_subject(text: str, template: str) -> tuple[str, str]:
 def build_message(message: Message, domain: str) -> EmailMessage:
     email = EmailMessage()
     sender = message.sender
-    email["From"] = formataddr((sender.get("name") or "", sender.get("email") or ""))
-    email["To"] = formataddr((message.contact.get("name") or "", message.contact["email"]))
+    # Address quotes the display name: by hand, a name like "X <other@host>" could pick the recipient.
+    email["From"] = Address(display_name=sender.get("name") or "", addr_spec=sender.get("email") or "")
+    email["To"] = Address(display_name=message.contact.get("name") or "", addr_spec=message.contact["email"])
     email["Subject"] = message.parts["subject"]
     email["Date"] = format_datetime(message.due_at)
     email["Message-ID"] = f"<touch-{message.key}@{domain}>"

@@ -28,5 +28,8 @@ if connection is not None:
     _run(connection)
 else:
     engine = create_engine(context.config.get_main_option("sqlalchemy.url") or "")
-    with engine.begin() as conn:
-        _run(conn)
+    try:
+        with engine.begin() as conn:
+            _run(conn)
+    finally:
+        engine.dispose()
