@@ -106,6 +106,8 @@ def _digest(secret: str, body: bytes, stamp: int) -> str:
     return hmac.new(secret.encode(), f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
 
 
+#: What `GET /call-tasks?status=` may ask for; `open` is the default, the calls still to make.
+_CALL_TASK_STATUSES = ("open", "done", "cancelled", "all")
 #: Largest id the store can hold (a signed 64-bit integer).
 MAX_ID = 2**63 - 1
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
@@ -211,20 +213,25 @@ def create_app(service: Service, background: bool = True) -> Starlette:
 
     async def call_tasks(request: Request) -> Response:
         owner = request.query_params.get("owner")
+        status = request.query_params.get("status", "open")
+        if status not in _CALL_TASK_STATUSES:
+            return error(422, "invalid", f"status is one of {', '.join(_CALL_TASK_STATUSES)}", "status")
         raw = request.query_params.get("date")
         try:
             day = date.fromisoformat(raw) if raw else service.clock().astimezone(local_zone).date()
         except ValueError:
             return error(422, "invalid", f"date {raw!r} is not YYYY-MM-DD", "date")
-        return _JSON(await sync(_call_tasks, owner, day))
+        return _JSON(await sync(_call_tasks, owner, day, status))
 
-    def _call_tasks(owner: str | None, day: date) -> dict[str, Any]:
+    def _call_tasks(owner: str | None, day: date, status: str) -> dict[str, Any]:
         with store.session(service.db) as s:
             query = select(CallTask).where(CallTask.due_date == day)
             if owner:
                 query = query.where(CallTask.owner == owner)
+            if status != "all":
+                query = query.where(CallTask.status == status)
             tasks = s.exec(query.order_by(col(CallTask.due_at), col(CallTask.id))).all()
-            return {"date": day, "owner": owner, "tasks": [t.model_dump() for t in tasks]}
+            return {"date": day, "owner": owner, "status": status, "tasks": [t.model_dump() for t in tasks]}
 
     async def healthz(request: Request) -> Response:
         return await sync(_health)

@@ -9,6 +9,8 @@ import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.brokers.stub import StubBroker
 
+from cadence.settings import SEND_TIME_LIMIT_SECONDS
+
 #: Queue that carries touch ids to workers.
 QUEUE = "touches"
 #: Broker retries after a transient delivery error (the touch's own attempt count also caps them).
@@ -16,7 +18,7 @@ MAX_RETRIES = 4
 #: Milliseconds before the first retry; Dramatiq doubles it each time.
 MIN_BACKOFF_MS = 2_000
 #: Milliseconds one send may take before the worker gives up on it.
-TIME_LIMIT_MS = 120_000
+TIME_LIMIT_MS = SEND_TIME_LIMIT_SECONDS * 1000
 
 
 def create_broker(redis_url: str | None) -> dramatiq.Broker:

@@ -7,8 +7,10 @@ message delivered twice sends once.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import jinja2
@@ -20,12 +22,16 @@ from cadence.clock import Clock
 from cadence.engine import Engine
 from cadence.metrics import Metrics
 from cadence.models import Contact, Enrollment, EnrollmentStatus, Touch, TouchStatus
-from channels import Channel, DeliveryError, Message
+from channels import Channel, DeliveryError, Message, Receipt, TransientError
 
 log = logging.getLogger(__name__)
 
 #: Sends tried (counting retries after transient errors) before a touch is marked failed.
 MAX_ATTEMPTS = 5
+#: Tries at recording a delivery that already happened.
+RECORD_ATTEMPTS = 5
+#: Seconds between those tries, times the try's number.
+RECORD_BACKOFF_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -60,21 +66,20 @@ class Dispatcher:
         try:
             with store.session(self.db) as s:
                 outcome, message = self._prepare(s, touch_id)
-            if message is None:
-                return outcome
-            channel = self.channels[message.channel]
-        except BaseException:
-            self._requeue(touch_id, "error before sending")
+        except Exception as exc:
+            # Nothing was sent: give the touch back for the broker's retry, within the attempt cap.
+            self._give_back(touch_id, f"error before sending: {exc!r}")
             raise
+        if message is None:
+            return outcome
         try:
-            receipt = channel.send(message)
+            receipt = self.channels[message.channel].send(message)
         except DeliveryError as exc:
             return self._delivery_failed(touch_id, exc)
-        with store.session(self.db) as s:
-            touch = s.get(Touch, touch_id)
-            assert touch is not None
-            touch.receipt = {"provider": receipt.provider, "reference": receipt.reference, **receipt.detail}
-            self.finish(s, touch, TouchStatus.sent, None)
+        except Exception as exc:
+            # A provider bug or the machine (a full disk): retried like a transient error, within the cap.
+            return self._delivery_failed(touch_id, TransientError(repr(exc)))
+        self._record_sent(touch_id, receipt)
         log.info(
             "touch sent", extra={"touch": message.key, "channel": message.channel, "reason": message.reason}
         )
@@ -90,13 +95,40 @@ class Dispatcher:
             )
             return bool(claimed.rowcount)
 
-    def _requeue(self, touch_id: int, why: str) -> None:
+    def _give_back(self, touch_id: int, why: str) -> None:
         with store.session(self.db) as s:
-            s.exec(
-                update(Touch)
-                .where(col(Touch.id) == touch_id, col(Touch.status) == TouchStatus.sending)
-                .values(status=TouchStatus.queued, queued_at=self.clock(), status_reason=why)
-            )
+            touch = s.get_one(Touch, touch_id)
+            if touch.status == TouchStatus.sending:
+                self.retry_or_fail(s, touch, why)
+
+    def retry_or_fail(self, s: Session, touch: Touch, why: str) -> bool:
+        """Queue the touch for another attempt, or fail it once it has had MAX_ATTEMPTS; True if queued."""
+        if touch.attempts >= MAX_ATTEMPTS:
+            self.finish(s, touch, TouchStatus.failed, f"gave up after {touch.attempts} attempts: {why}")
+            return False
+        touch.status = TouchStatus.queued
+        touch.queued_at = self.clock()
+        touch.status_reason = why
+        return True
+
+    def _record_sent(self, touch_id: int, receipt: Receipt) -> None:
+        """Record a delivery that happened; a passing database error must not lose it."""
+        for attempt in range(1, RECORD_ATTEMPTS + 1):
+            try:
+                with store.session(self.db) as s:
+                    touch = s.get_one(Touch, touch_id)
+                    touch.receipt = {
+                        "provider": receipt.provider,
+                        "reference": receipt.reference,
+                        **receipt.detail,
+                    }
+                    self.finish(s, touch, TouchStatus.sent, None)
+                return
+            except sa.exc.OperationalError:
+                if attempt == RECORD_ATTEMPTS:
+                    raise
+                log.warning("recording a sent touch failed; trying again", extra={"touch_id": touch_id})
+                time.sleep(RECORD_BACKOFF_SECONDS * attempt)
 
     def _prepare(self, s: Session, touch_id: int) -> tuple[Result, Message | None]:
         """Late binding: everything that may have changed since planning is checked now."""
@@ -106,14 +138,28 @@ class Dispatcher:
         assert enrollment is not None
         if enrollment.status != EnrollmentStatus.active:
             return self._close(s, touch, TouchStatus.cancelled, f"enrollment {enrollment.status}"), None
+        now = self.clock()
         why, _ = self.engine.exit_decision(s, enrollment)
         if why is not None:
             # review() ends the enrollment and, for a won or lost deal, starts the `then` cadence.
-            self.engine.review(s, s.get_one(Contact, enrollment.contact_id), self.clock())
+            self.engine.review(s, s.get_one(Contact, enrollment.contact_id), now)
             return self._close(s, touch, TouchStatus.cancelled, why), None
         spec = self.engine.spec_of(s, enrollment)
         step = spec.steps[touch.step_index]
         context: dict[str, Any] = self.engine.context(s, enrollment)
+        contact = context["contact"]
+        zone, calendar = self.engine.placement(spec, contact["timezone"], contact["country"])
+        slot_day, slot_time = timing.first_slot(now, calendar, zone)
+        slot = datetime.combine(slot_day, slot_time, tzinfo=zone).astimezone(UTC)
+        if slot > now:
+            # Late (a backlog, an outage, a retry) and now outside the window or on a day off: wait for it.
+            touch.status, touch.due_at, touch.queued_at = TouchStatus.planned, slot, None
+            touch.attempts -= 1
+            touch.status_reason = "deferred to the next send window"
+            return Result(touch_id, TouchStatus.planned, touch.status_reason), None
+        blocked = self.engine.blocked(s, enrollment.contact_id, touch.channel)
+        if blocked:
+            return self.finish(s, touch, TouchStatus.skipped, blocked), None
         if step.when:
             try:
                 wanted = sandbox.truthy(step.when, context)
@@ -139,7 +185,6 @@ class Dispatcher:
             parts = channel.render(self.templates, touch.template, context)
         except sandbox.TemplateError as exc:
             return self.finish(s, touch, TouchStatus.failed, f"template: {exc}"), None
-        zone = timing.zone_for(context["contact"]["timezone"], spec.calendar, self.engine.default_timezone)
         message = Message(
             key=touch.key,
             touch_id=touch.id or 0,
@@ -148,7 +193,7 @@ class Dispatcher:
             deal=context["deal"],
             reason=touch.reason,
             due_at=touch.due_at,
-            local_date=touch.due_at.astimezone(zone).date(),
+            local_date=now.astimezone(zone).date(),
             parts=parts,
             sender=self.sender,
         )
@@ -156,15 +201,13 @@ class Dispatcher:
 
     def _delivery_failed(self, touch_id: int, exc: DeliveryError) -> Result:
         with store.session(self.db) as s:
-            touch = s.get(Touch, touch_id)
-            assert touch is not None
-            if exc.transient and touch.attempts < MAX_ATTEMPTS:
-                touch.status = TouchStatus.queued
-                touch.queued_at = self.clock()
-                touch.status_reason = f"retrying: {exc}"
+            touch = s.get_one(Touch, touch_id)
+            if exc.transient:
+                retrying = self.retry_or_fail(s, touch, f"retrying: {exc}")
             else:
+                retrying = False
                 self.finish(s, touch, TouchStatus.failed, str(exc))
-        if exc.transient and touch.attempts < MAX_ATTEMPTS:
+        if retrying:
             raise exc  # the broker retries with backoff; the touch is queued again for that retry to claim
         return Result(touch_id, TouchStatus.failed, str(exc))
 

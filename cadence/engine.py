@@ -11,14 +11,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
-from sqlmodel import Session, col, select
+from sqlmodel import Session, SQLModel, col, select
 
 from cadence import sandbox, timing
 from cadence.events import ContactData, DealData, Event
-from cadence.language import CadenceSpec, parse
+from cadence.language import CadenceSpec, Calendar, parse
 from cadence.models import (
     CadenceVersion,
     CallTask,
@@ -33,9 +34,15 @@ from cadence.models import (
 from cadence.rules import RuleSet
 
 log = logging.getLogger(__name__)
+T = TypeVar("T", bound=SQLModel)
 
 _CONTACT_COLUMNS = ("name", "email", "phone", "timezone", "country", "address")
 _DEAL_COLUMNS = ("title", "stage", "status", "amount", "currency", "owner", "probability")
+#: Outcomes that block a contact, and the channels they block (None: every channel).
+BLOCKING_OUTCOMES: dict[str, frozenset[str] | None] = {
+    "do_not_contact": None,
+    "unsubscribed": frozenset({"email"}),
+}
 #: Contact keys every template can rely on (None when the CRM did not send them).
 _CONTACT_KEYS = ("name", "first_name", "email", "phone", "company", "title", "address", "timezone", "country")
 
@@ -95,6 +102,20 @@ def enrollment_view(enrollment: Enrollment) -> dict[str, Any]:
     }
 
 
+def _insert_or_get(s: Session, row: T, existing: Callable[[], T | None]) -> T:
+    """Insert `row`, or return the one a concurrent transaction inserted first under the same unique key."""
+    try:
+        with s.begin_nested():
+            s.add(row)
+            s.flush()
+        return row
+    except sa.exc.IntegrityError:
+        found = existing()
+        if found is None:
+            raise
+        return found
+
+
 @lru_cache(maxsize=256)
 def _spec_from_text(text: str, file: str) -> CadenceSpec:
     return parse(text, file).spec
@@ -117,13 +138,14 @@ class Engine:
 
     def _current_version(self, s: Session, name: str, now: datetime) -> CadenceVersion:
         parsed = self._rules().cadences[name]
-        found = s.exec(
-            select(CadenceVersion).where(
-                CadenceVersion.name == name, CadenceVersion.content_hash == parsed.content_hash
-            )
-        ).first()
-        if found:
-            return found
+
+        def existing() -> CadenceVersion | None:
+            return s.exec(
+                select(CadenceVersion).where(
+                    CadenceVersion.name == name, CadenceVersion.content_hash == parsed.content_hash
+                )
+            ).first()
+
         version = CadenceVersion(
             name=name,
             content_hash=parsed.content_hash,
@@ -131,9 +153,7 @@ class Engine:
             file=parsed.file,
             created_at=now,
         )
-        s.add(version)
-        s.flush()
-        return version
+        return existing() or _insert_or_get(s, version, existing)
 
     # --- events ---------------------------------------------------------------------------------------------
 
@@ -156,12 +176,14 @@ class Engine:
         return effects
 
     def _upsert_contact(self, s: Session, source: str, data: ContactData, now: datetime) -> Contact:
-        contact = s.exec(
-            select(Contact).where(Contact.source == source, Contact.external_id == data.id)
-        ).first()
-        if contact is None:
-            contact = Contact(source=source, external_id=data.id, created_at=now, updated_at=now)
-            s.add(contact)
+        def existing() -> Contact | None:
+            return s.exec(
+                select(Contact).where(Contact.source == source, Contact.external_id == data.id)
+            ).first()
+
+        contact = existing() or _insert_or_get(
+            s, Contact(source=source, external_id=data.id, created_at=now, updated_at=now), existing
+        )
         for column in _CONTACT_COLUMNS:
             value = getattr(data, column)
             if value is not None:
@@ -178,8 +200,13 @@ class Engine:
         self, s: Session, source: str, data: DealData, contact: Contact, deal: Deal | None, now: datetime
     ) -> Deal:
         if deal is None:
-            deal = Deal(source=source, external_id=data.id, created_at=now, updated_at=now)
-            s.add(deal)
+            deal = _insert_or_get(
+                s,
+                Deal(
+                    source=source, external_id=data.id, contact_id=contact.id, created_at=now, updated_at=now
+                ),
+                lambda: self._find_deal(s, source, data),
+            )
         deal.contact_id = contact.id
         for column in _DEAL_COLUMNS:
             value = getattr(data, column)
@@ -220,14 +247,19 @@ class Engine:
         if name not in self._rules():
             raise EngineError(f"no cadence named {name!r}", field="cadence")
         subject = f"deal:{deal.id}" if deal is not None else f"contact:{contact.id}"
-        active = s.exec(
+        if self.blocked(s, contact.id or 0, None) is not None:
+            return None
+        # Active: never twice at once. Ended by an outcome (a reply, an unsubscribe, "not interested"):
+        # the person answered this cadence, so the same trigger must not start it over.
+        barred = s.exec(
             select(Enrollment.id).where(
                 Enrollment.cadence_name == name,
                 Enrollment.subject == subject,
-                Enrollment.status == EnrollmentStatus.active,
+                (col(Enrollment.status) == EnrollmentStatus.active)
+                | col(Enrollment.end_outcome).is_not(None),
             )
         ).first()
-        if active is not None:
+        if barred is not None:
             return None
         version = self._current_version(s, name, now)
         enrollment = Enrollment(
@@ -271,24 +303,63 @@ class Engine:
             channel=step.channel,
             template=step.template,
             reason=step.reason,
-            due_at=self.due(spec, contact, enrollment.started_at, step_index),
+            due_at=self._due_from(spec, contact, enrollment.started_at, step_index, now),
         )
         s.add(touch)
         s.flush()
         return touch
 
+    def placement(
+        self, spec: CadenceSpec, timezone: str | None, country: str | None
+    ) -> tuple[ZoneInfo, Calendar]:
+        """The zone and holiday calendar a contact's touches are placed in."""
+        zone = timing.zone_for(timezone, spec.calendar, self.default_timezone)
+        return zone, timing.calendar_for(country, spec.calendar)
+
     def due(self, spec: CadenceSpec, contact: Contact, started_at: datetime, step_index: int) -> datetime:
-        zone = timing.zone_for(contact.timezone, spec.calendar, self.default_timezone)
-        calendar = timing.calendar_for(contact.country, spec.calendar)
+        zone, calendar = self.placement(spec, contact.timezone, contact.country)
         return timing.due_at(started_at, spec.steps[step_index].day, calendar, zone)
 
-    def end(self, s: Session, enrollment: Enrollment, status: str, reason: str, now: datetime) -> None:
-        """End an enrollment; its touches not yet being sent are cancelled with the same reason."""
+    def _due_from(
+        self, spec: CadenceSpec, contact: Contact, started_at: datetime, step_index: int, now: datetime
+    ) -> datetime:
+        """The step's due time; when the cadence is behind (an outage, a backlog), its spacing from now."""
+        due = self.due(spec, contact, started_at, step_index)
+        if step_index == 0 or due >= now:
+            return due
+        zone, calendar = self.placement(spec, contact.timezone, contact.country)
+        gap = spec.steps[step_index].day - spec.steps[step_index - 1].day
+        return timing.due_at(now, gap, calendar, zone)
+
+    def blocked(self, s: Session, contact_id: int, channel: str | None) -> str | None:
+        """Why the contact may not be touched on `channel` (None: on any channel at all), or None."""
+        names = s.exec(
+            select(Outcome.name).where(
+                Outcome.contact_id == contact_id, col(Outcome.name).in_(list(BLOCKING_OUTCOMES))
+            )
+        ).all()
+        for name in sorted(set(names)):
+            channels = BLOCKING_OUTCOMES[name]
+            if channels is None or (channel is not None and channel in channels):
+                return f"contact is blocked: {name}"
+        return None
+
+    def end(
+        self,
+        s: Session,
+        enrollment: Enrollment,
+        status: str,
+        reason: str,
+        now: datetime,
+        outcome: str | None = None,
+    ) -> None:
+        """End an enrollment; its touches not yet being sent, and its open call tasks, are cancelled."""
         if enrollment.status != EnrollmentStatus.active:
             return
         enrollment.status = status
         enrollment.ended_at = now
         enrollment.end_reason = reason
+        enrollment.end_outcome = outcome
         pending = s.exec(
             select(Touch).where(
                 Touch.enrollment_id == enrollment.id,
@@ -299,6 +370,11 @@ class Engine:
             touch.status = TouchStatus.cancelled
             touch.status_reason = reason
             touch.finished_at = now
+        touches = select(Touch.id).where(Touch.enrollment_id == enrollment.id)
+        for task in s.exec(
+            select(CallTask).where(col(CallTask.touch_id).in_(touches), CallTask.status == "open")
+        ).all():
+            task.status = "cancelled"
         s.flush()
 
     def review(self, s: Session, contact: Contact, now: datetime, effects: Effects | None = None) -> None:
@@ -315,7 +391,12 @@ class Engine:
             self.end(s, enrollment, EnrollmentStatus.exited, ended, now)
             if effects is not None:
                 effects.ended.append(enrollment.id or 0)
-            if target is not None:
+            if target is not None and target not in self._rules():
+                # The version this enrollment runs on names a cadence the current rules no longer have.
+                log.warning(
+                    "then-target missing", extra={"cadence": enrollment.cadence_name, "target": target}
+                )
+            elif target is not None:
                 deal = s.get(Deal, enrollment.deal_id) if enrollment.deal_id else None
                 moved = self.enroll(
                     s, target, contact, deal, now, origin=f"then from {enrollment.cadence_name}"
@@ -404,7 +485,7 @@ class Engine:
             enrollment.status == EnrollmentStatus.active
             and name in self.spec_of(s, enrollment).exit.on_outcome
         ):
-            self.end(s, enrollment, EnrollmentStatus.exited, f"outcome: {name}", now)
+            self.end(s, enrollment, EnrollmentStatus.exited, f"outcome: {name}", now, outcome=name)
             effects.ended.append(enrollment.id or 0)
         s.flush()
         self.review(s, contact, now, effects)

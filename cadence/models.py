@@ -126,6 +126,7 @@ class Enrollment(SQLModel, table=True):
     started_at: datetime = _when()
     ended_at: datetime | None = _when(default=None)
     end_reason: str | None = None
+    end_outcome: str | None = Field(default=None, max_length=32, description="the outcome that ended it")
     origin: str | None = Field(default=None, description="event, transition or hand that started it")
 
 

@@ -84,8 +84,10 @@ def evaluate(source: str, context: Mapping[str, Any]) -> Any:
         value = expression(**{name: _present(value) for name, value in context.items()})
     except jinja2.exceptions.SecurityError as exc:
         raise ExpressionError(f"refused by the sandbox: {exc}") from exc
-    except (jinja2.UndefinedError, TypeError, ValueError, ArithmeticError) as exc:
-        raise ExpressionError(str(exc)) from exc
+    except Exception as exc:
+        # Whatever an author's expression does wrong (an index out of range, a bad format string, a
+        # recursion) is the expression's failure, never the worker's.
+        raise ExpressionError(f"{type(exc).__name__}: {exc}") from exc
     if isinstance(value, jinja2.Undefined):
         return None
     return value
@@ -118,5 +120,6 @@ def render(env: jinja2.Environment, name: str, context: Mapping[str, Any]) -> st
         raise TemplateError(f"{name}: refused by the sandbox: {exc}") from exc
     except jinja2.UndefinedError as exc:
         raise TemplateError(f"{name}: {exc.message}") from exc
-    except (TypeError, ValueError, ArithmeticError) as exc:
-        raise TemplateError(f"{name}: {exc}") from exc
+    except Exception as exc:
+        # As with expressions: whatever a template does wrong fails that template, not the worker.
+        raise TemplateError(f"{name}: {type(exc).__name__}: {exc}") from exc

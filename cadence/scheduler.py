@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from cadence import store
 from cadence.clock import Clock
@@ -41,7 +41,8 @@ class Scheduler:
         clock: Clock,
         batch_size: int,
         lease: timedelta,
-        finish_lost: Callable[[int, str], None],
+        settle: Callable[[Session, Touch, str], object],
+        requeue: Callable[[Session, Touch, str], bool],
         replay_inbox: Callable[[datetime], list[int]],
     ) -> None:
         self.db = db
@@ -50,7 +51,10 @@ class Scheduler:
         self.clock = clock
         self.batch_size = batch_size
         self.lease = lease
-        self.finish_lost = finish_lost
+        #: Ends a touch as failed (and plans the next step) inside the sweep's transaction.
+        self.settle = settle
+        #: Queues a touch again, or fails it when it has had its attempts; True when queued.
+        self.requeue = requeue
         self.replay_inbox = replay_inbox
 
     def tick(self) -> Tick:
@@ -86,7 +90,6 @@ class Scheduler:
     def _sweep(self, result: Tick) -> None:
         now = self.clock()
         expired = now - self.lease
-        lost_sends: list[int] = []
         with store.session(self.db) as s:
             stale = s.exec(
                 select(Touch)
@@ -100,14 +103,12 @@ class Scheduler:
             for touch in stale:
                 # A send a worker lost may have reached the person; only an idempotent channel may repeat it.
                 if touch.status == TouchStatus.sending and not self.channels[touch.channel].idempotent:
-                    lost_sends.append(touch.id or 0)
-                    continue
-                touch.status = TouchStatus.queued
-                touch.queued_at = now
-                result.requeued.append(touch.id or 0)
-        for touch_id in lost_sends:
-            self.finish_lost(touch_id, "worker lost during send; not repeated to avoid a duplicate")
-            result.failed.append(touch_id)
+                    self.settle(s, touch, "worker lost during send; not repeated to avoid a duplicate")
+                    result.failed.append(touch.id or 0)
+                elif self.requeue(s, touch, f"taken back after the {self.lease} lease"):
+                    result.requeued.append(touch.id or 0)
+                else:
+                    result.failed.append(touch.id or 0)
         if result.requeued or result.failed:
             log.warning("swept touches", extra={"requeued": result.requeued, "failed": result.failed})
 

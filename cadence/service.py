@@ -68,7 +68,8 @@ class Service:
             clock=clock,
             batch_size=settings.scheduler_batch_size,
             lease=timedelta(seconds=settings.lease_seconds),
-            finish_lost=self._finish_lost,
+            settle=lambda s, touch, why: self.dispatcher.finish(s, touch, TouchStatus.failed, why),
+            requeue=self.dispatcher.retry_or_fail,
             replay_inbox=self.inbox.replay,
         )
         self._threads: list[threading.Thread] = []
@@ -157,12 +158,6 @@ class Service:
 
     def _queue(self, touch_id: int) -> None:
         self.actor.send(touch_id)
-
-    def _finish_lost(self, touch_id: int, reason: str) -> None:
-        with store.session(self.db) as s:
-            touch = s.get(Touch, touch_id)
-            if touch is not None and touch.status == TouchStatus.sending:
-                self.dispatcher.finish(s, touch, TouchStatus.failed, reason)
 
     def start_worker(self, threads: int | None = None, poll_ms: int = 1000) -> Worker:
         """Worker threads in this process; `poll_ms` bounds how long stopping waits for idle consumers."""

@@ -7,6 +7,9 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+#: Seconds one send may take before the worker gives up on it.
+SEND_TIME_LIMIT_SECONDS = 120
+
 
 class Settings(BaseSettings):
     """Nothing set means the embedded default: SQLite file, in-process broker, file outbox."""
@@ -28,8 +31,9 @@ class Settings(BaseSettings):
     scheduler_interval_seconds: float = 5.0
     #: Touches claimed per scheduler transaction.
     scheduler_batch_size: int = 100
-    #: Seconds a touch may sit in queued or sending before the scheduler's sweep takes it back.
-    lease_seconds: int = 300
+    #: Seconds a touch may sit in queued or sending before the scheduler's sweep takes it back; longer
+    #: than a send may take, or the sweep would take back sends still under way.
+    lease_seconds: int = Field(default=300, ge=SEND_TIME_LIMIT_SECONDS + 30)
     #: Worker threads in `cadence serve` (embedded) or per `cadence worker` process.
     worker_threads: int = 4
     #: Zone used when neither the contact nor the cadence names one.

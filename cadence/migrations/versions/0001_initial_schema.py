@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-22 15:09:18.173840
+Create Date: 2026-11-22 15:35:06.075593
 """
 
 from collections.abc import Sequence
@@ -104,6 +104,7 @@ def upgrade() -> None:
         sa.Column("started_at", cadence.models.UTCDateTime(), nullable=False),
         sa.Column("ended_at", cadence.models.UTCDateTime(), nullable=True),
         sa.Column("end_reason", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
+        sa.Column("end_outcome", sqlmodel.sql.sqltypes.AutoString(length=32), nullable=True),
         sa.Column("origin", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
         sa.ForeignKeyConstraint(
             ["cadence_version_id"],
