@@ -195,7 +195,6 @@ def simulate(
     output: Annotated[str, typer.Option("--format", help="table or json")] = "table",
 ) -> None:
     """Print a cadence's timeline for a contact: step, local date and time, channel, reason."""
-    from zoneinfo import ZoneInfo
 
     from cadence.language import parse
 
@@ -214,7 +213,7 @@ def simulate(
         from cadence import timing
 
         zone = timing.zone_for(fields.get("timezone"), spec.calendar, settings.default_timezone)
-        when = when.replace(tzinfo=ZoneInfo(str(zone)))
+        when = when.replace(tzinfo=zone)
     rows = simulate_timeline(spec, when, fields, _parse_object(deal, "--deal"), settings.default_timezone)
     if output == "json":
         print(json.dumps([r.as_dict() for r in rows], indent=2, ensure_ascii=False))

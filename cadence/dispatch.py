@@ -10,7 +10,6 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import jinja2
@@ -21,7 +20,7 @@ from cadence import sandbox, store, timing
 from cadence.clock import Clock
 from cadence.engine import Engine
 from cadence.metrics import Metrics
-from cadence.models import Contact, Enrollment, EnrollmentStatus, Touch, TouchStatus
+from cadence.models import Enrollment, EnrollmentStatus, Touch, TouchStatus
 from channels import Channel, DeliveryError, Message, Receipt, TransientError
 
 log = logging.getLogger(__name__)
@@ -132,25 +131,20 @@ class Dispatcher:
 
     def _prepare(self, s: Session, touch_id: int) -> tuple[Result, Message | None]:
         """Late binding: everything that may have changed since planning is checked now."""
-        touch = s.get(Touch, touch_id)
-        assert touch is not None
-        enrollment = s.get(Enrollment, touch.enrollment_id)
-        assert enrollment is not None
+        touch = s.get_one(Touch, touch_id)
+        enrollment = s.get_one(Enrollment, touch.enrollment_id)
         if enrollment.status != EnrollmentStatus.active:
-            return self._close(s, touch, TouchStatus.cancelled, f"enrollment {enrollment.status}"), None
+            return self._close(touch, TouchStatus.cancelled, f"enrollment {enrollment.status}"), None
         now = self.clock()
-        why, _ = self.engine.exit_decision(s, enrollment)
-        if why is not None:
-            # review() ends the enrollment and, for a won or lost deal, starts the `then` cadence.
-            self.engine.review(s, s.get_one(Contact, enrollment.contact_id), now)
-            return self._close(s, touch, TouchStatus.cancelled, why), None
-        spec = self.engine.spec_of(s, enrollment)
-        step = spec.steps[touch.step_index]
         context: dict[str, Any] = self.engine.context(s, enrollment)
+        why, target = self.engine.exit_decision(s, enrollment, context)
+        if why is not None:
+            self.engine.leave(s, enrollment, why, target, now)
+            return self._close(touch, TouchStatus.cancelled, why), None
+        spec = self.engine.spec_of(s, enrollment)
         contact = context["contact"]
         zone, calendar = self.engine.placement(spec, contact["timezone"], contact["country"])
-        slot_day, slot_time = timing.first_slot(now, calendar, zone)
-        slot = datetime.combine(slot_day, slot_time, tzinfo=zone).astimezone(UTC)
+        slot = timing.due_at(now, 0, calendar, zone)
         if slot > now:
             # Late (a backlog, an outage, a retry) and now outside the window or on a day off: wait for it.
             touch.status, touch.due_at, touch.queued_at = TouchStatus.planned, slot, None
@@ -158,15 +152,9 @@ class Dispatcher:
             touch.status_reason = "deferred to the next send window"
             return Result(touch_id, TouchStatus.planned, touch.status_reason), None
         blocked = self.engine.blocked(s, enrollment.contact_id, touch.channel)
-        if blocked:
-            return self.finish(s, touch, TouchStatus.skipped, blocked), None
-        if step.when:
-            try:
-                wanted = sandbox.truthy(step.when, context)
-            except sandbox.ExpressionError as exc:
-                return self.finish(s, touch, TouchStatus.skipped, f"condition failed: {exc}"), None
-            if not wanted:
-                return self.finish(s, touch, TouchStatus.skipped, f"condition not met: {step.when}"), None
+        skipped = sandbox.skip_reason(spec.steps[touch.step_index].when, context) or blocked
+        if skipped:
+            return self.finish(s, touch, TouchStatus.skipped, skipped), None
         channel = self.channels[touch.channel]
         missing = channel.missing(context["contact"])
         if missing:
@@ -211,7 +199,7 @@ class Dispatcher:
             raise exc  # the broker retries with backoff; the touch is queued again for that retry to claim
         return Result(touch_id, TouchStatus.failed, str(exc))
 
-    def _close(self, s: Session, touch: Touch, status: str, reason: str | None) -> Result:
+    def _close(self, touch: Touch, status: str, reason: str | None) -> Result:
         touch.status = status
         touch.status_reason = reason
         touch.finished_at = self.clock()
@@ -219,10 +207,21 @@ class Dispatcher:
 
     def finish(self, s: Session, touch: Touch, status: str, reason: str | None) -> Result:
         """Record how a touch ended and plan the enrollment's next step."""
-        result = self._close(s, touch, status, reason)
+        result = self._close(touch, status, reason)
         self.metrics.touches.labels(touch.channel, status).inc()
-        enrollment = s.get(Enrollment, touch.enrollment_id)
-        assert enrollment is not None
+        enrollment = s.get_one(Enrollment, touch.enrollment_id)
         if enrollment.status == EnrollmentStatus.active:
             self.engine.plan(s, enrollment, touch.step_index + 1, self.clock())
         return result
+
+    def take_back(self, s: Session, touch: Touch, why: str) -> bool:
+        """A touch stuck in queued or sending past its lease: queue it again (True), or fail it.
+
+        A send a worker lost may have reached the person, so only an idempotent channel may repeat it.
+        """
+        if touch.status == TouchStatus.sending and not self.channels[touch.channel].idempotent:
+            self.finish(
+                s, touch, TouchStatus.failed, "worker lost during send; not repeated to avoid a duplicate"
+            )
+            return False
+        return self.retry_or_fail(s, touch, why)

@@ -303,7 +303,7 @@ class Engine:
             channel=step.channel,
             template=step.template,
             reason=step.reason,
-            due_at=self._due_from(spec, contact, enrollment.started_at, step_index, now),
+            due_at=self.due(spec, contact, enrollment.started_at, step_index, now),
         )
         s.add(touch)
         s.flush()
@@ -312,22 +312,21 @@ class Engine:
     def placement(
         self, spec: CadenceSpec, timezone: str | None, country: str | None
     ) -> tuple[ZoneInfo, Calendar]:
-        """The zone and holiday calendar a contact's touches are placed in."""
-        zone = timing.zone_for(timezone, spec.calendar, self.default_timezone)
-        return zone, timing.calendar_for(country, spec.calendar)
+        return timing.placement(spec.calendar, timezone, country, self.default_timezone)
 
-    def due(self, spec: CadenceSpec, contact: Contact, started_at: datetime, step_index: int) -> datetime:
-        zone, calendar = self.placement(spec, contact.timezone, contact.country)
-        return timing.due_at(started_at, spec.steps[step_index].day, calendar, zone)
-
-    def _due_from(
-        self, spec: CadenceSpec, contact: Contact, started_at: datetime, step_index: int, now: datetime
+    def due(
+        self,
+        spec: CadenceSpec,
+        contact: Contact,
+        started_at: datetime,
+        step_index: int,
+        now: datetime | None = None,
     ) -> datetime:
-        """The step's due time; when the cadence is behind (an outage, a backlog), its spacing from now."""
-        due = self.due(spec, contact, started_at, step_index)
-        if step_index == 0 or due >= now:
-            return due
+        """When the step is due; if planned at `now` behind schedule (an outage), its spacing from now."""
         zone, calendar = self.placement(spec, contact.timezone, contact.country)
+        due = timing.due_at(started_at, spec.steps[step_index].day, calendar, zone)
+        if now is None or step_index == 0 or due >= now:
+            return due
         gap = spec.steps[step_index].day - spec.steps[step_index - 1].day
         return timing.due_at(now, gap, calendar, zone)
 
@@ -385,26 +384,39 @@ class Engine:
             )
         ).all()
         for enrollment in active:
-            ended, target = self.exit_decision(s, enrollment)
-            if ended is None:
-                continue
-            self.end(s, enrollment, EnrollmentStatus.exited, ended, now)
-            if effects is not None:
-                effects.ended.append(enrollment.id or 0)
-            if target is not None and target not in self._rules():
-                # The version this enrollment runs on names a cadence the current rules no longer have.
-                log.warning(
-                    "then-target missing", extra={"cadence": enrollment.cadence_name, "target": target}
-                )
-            elif target is not None:
-                deal = s.get(Deal, enrollment.deal_id) if enrollment.deal_id else None
-                moved = self.enroll(
-                    s, target, contact, deal, now, origin=f"then from {enrollment.cadence_name}"
-                )
-                if moved is not None and effects is not None:
-                    effects.enrolled.append(moved.id or 0)
+            why, target = self.exit_decision(s, enrollment)
+            if why is not None:
+                self.leave(s, enrollment, why, target, now, effects)
 
-    def exit_decision(self, s: Session, enrollment: Enrollment) -> tuple[str | None, str | None]:
+    def leave(
+        self,
+        s: Session,
+        enrollment: Enrollment,
+        why: str,
+        target: str | None,
+        now: datetime,
+        effects: Effects | None = None,
+    ) -> None:
+        """End the enrollment as exit_decision said, and start its `then` cadence if it names one."""
+        self.end(s, enrollment, EnrollmentStatus.exited, why, now)
+        if effects is not None:
+            effects.ended.append(enrollment.id or 0)
+        if target is None:
+            return
+        if target not in self._rules():
+            # The version this enrollment runs on names a cadence the current rules no longer have.
+            where = {"cadence": enrollment.cadence_name, "target": target}
+            log.warning("then-target missing", extra=where)
+            return
+        contact = s.get_one(Contact, enrollment.contact_id)
+        deal = s.get(Deal, enrollment.deal_id) if enrollment.deal_id else None
+        moved = self.enroll(s, target, contact, deal, now, origin=f"then from {enrollment.cadence_name}")
+        if moved is not None and effects is not None:
+            effects.enrolled.append(moved.id or 0)
+
+    def exit_decision(
+        self, s: Session, enrollment: Enrollment, context: dict[str, Any] | None = None
+    ) -> tuple[str | None, str | None]:
         """(why the enrollment should end, the cadence it moves to) — (None, None) while it should go on."""
         spec = self.spec_of(s, enrollment)
         deal = s.get(Deal, enrollment.deal_id) if enrollment.deal_id else None
@@ -413,7 +425,7 @@ class Engine:
             if target is not None:
                 return f"deal {deal.status}", target
         if spec.exit.when:
-            context = self.context(s, enrollment)
+            context = context or self.context(s, enrollment)
             if self._holds(spec.exit.when, context, f"{spec.cadence}: exit.when"):
                 return f"exit.when: {spec.exit.when}", None
         return None, None

@@ -97,6 +97,16 @@ def truthy(source: str, context: Mapping[str, Any]) -> bool:
     return bool(evaluate(source, context))
 
 
+def skip_reason(when: str | None, context: Mapping[str, Any]) -> str | None:
+    """Why a step with condition `when` is skipped for this context, or None when it goes ahead."""
+    if not when:
+        return None
+    try:
+        return None if truthy(when, context) else f"condition not met: {when}"
+    except ExpressionError as exc:
+        return f"condition failed: {exc}"
+
+
 def template_environment(templates_dir: Path) -> jinja2.Environment:
     """Templates: autoescape for .html, undefined variables are errors, only files under templates_dir."""
     return _Sandbox(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -17,14 +17,13 @@ from sqlmodel import Session, col, select
 from cadence import store
 from cadence.clock import Clock
 from cadence.models import Touch, TouchStatus
-from channels import Channel
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Tick:
-    """What one pass did: touches sent to the broker, taken back from a loss, and inbox events replayed."""
+    """What one pass did: touches queued, re-queued and failed by the sweep, inbox events replayed."""
 
     queued: list[int] = field(default_factory=list)
     requeued: list[int] = field(default_factory=list)
@@ -37,24 +36,19 @@ class Scheduler:
         self,
         db: sa.Engine,
         send: Callable[[int], None],
-        channels: Mapping[str, Channel],
         clock: Clock,
         batch_size: int,
         lease: timedelta,
-        settle: Callable[[Session, Touch, str], object],
-        requeue: Callable[[Session, Touch, str], bool],
+        take_back: Callable[[Session, Touch, str], bool],
         replay_inbox: Callable[[datetime], list[int]],
     ) -> None:
         self.db = db
         self.send = send
-        self.channels = channels
         self.clock = clock
         self.batch_size = batch_size
         self.lease = lease
-        #: Ends a touch as failed (and plans the next step) inside the sweep's transaction.
-        self.settle = settle
-        #: Queues a touch again, or fails it when it has had its attempts; True when queued.
-        self.requeue = requeue
+        #: Queues a stale touch again (True) or fails it, inside the sweep's transaction.
+        self.take_back = take_back
         self.replay_inbox = replay_inbox
 
     def tick(self) -> Tick:
@@ -101,14 +95,8 @@ class Scheduler:
                 .with_for_update(skip_locked=True)
             ).all()
             for touch in stale:
-                # A send a worker lost may have reached the person; only an idempotent channel may repeat it.
-                if touch.status == TouchStatus.sending and not self.channels[touch.channel].idempotent:
-                    self.settle(s, touch, "worker lost during send; not repeated to avoid a duplicate")
-                    result.failed.append(touch.id or 0)
-                elif self.requeue(s, touch, f"taken back after the {self.lease} lease"):
-                    result.requeued.append(touch.id or 0)
-                else:
-                    result.failed.append(touch.id or 0)
+                taken = self.take_back(s, touch, f"taken back after the {self.lease} lease")
+                (result.requeued if taken else result.failed).append(touch.id or 0)
         if result.requeued or result.failed:
             log.warning("swept touches", extra={"requeued": result.requeued, "failed": result.failed})
 

@@ -19,7 +19,7 @@ from cadence.dispatch import Dispatcher
 from cadence.engine import Engine
 from cadence.inbox import Inbox
 from cadence.metrics import Metrics
-from cadence.models import Contact, Enrollment, Outcome, Touch, TouchStatus
+from cadence.models import Contact, Enrollment, Outcome, Touch
 from cadence.rules import RuleSet
 from cadence.scheduler import Scheduler
 from cadence.settings import Settings
@@ -64,12 +64,10 @@ class Service:
         self.scheduler = Scheduler(
             self.db,
             send=self._queue,
-            channels=self.channels,
             clock=clock,
             batch_size=settings.scheduler_batch_size,
             lease=timedelta(seconds=settings.lease_seconds),
-            settle=lambda s, touch, why: self.dispatcher.finish(s, touch, TouchStatus.failed, why),
-            requeue=self.dispatcher.retry_or_fail,
+            take_back=self.dispatcher.take_back,
             replay_inbox=self.inbox.replay,
         )
         self._threads: list[threading.Thread] = []

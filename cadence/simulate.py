@@ -45,19 +45,15 @@ def simulate(
     default_timezone: str,
 ) -> list[Row]:
     """Each step's due time in the contact's zone, and whether its condition lets it through."""
-    zone = timing.zone_for(contact.get("timezone"), spec.calendar, default_timezone)
-    calendar = timing.calendar_for(contact.get("country"), spec.calendar)
+    zone, calendar = timing.placement(
+        spec.calendar, contact.get("timezone"), contact.get("country"), default_timezone
+    )
     context = {"contact": contact_view_from(contact), "deal": deal, "enrollment": {"cadence": spec.cadence}}
     rows = []
     for index, step in enumerate(spec.steps):
         due = timing.due_at(start, step.day, calendar, zone)
-        sent, note = True, ""
-        if step.when:
-            try:
-                sent = sandbox.truthy(step.when, context)
-                note = "" if sent else f"skipped: condition not met ({step.when})"
-            except sandbox.ExpressionError as exc:
-                sent, note = False, f"skipped: condition failed ({exc})"
+        skipped = sandbox.skip_reason(step.when, context)
+        sent, note = skipped is None, f"skipped: {skipped}" if skipped else ""
         rows.append(
             Row(
                 index,

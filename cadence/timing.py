@@ -81,6 +81,13 @@ def calendar_for(contact_country: str | None, calendar: Calendar) -> Calendar:
     return calendar
 
 
+def placement(
+    calendar: Calendar, timezone: str | None, country: str | None, default_timezone: str
+) -> tuple[ZoneInfo, Calendar]:
+    """The zone and holiday calendar a contact's touches are placed in."""
+    return zone_for(timezone, calendar, default_timezone), calendar_for(country, calendar)
+
+
 def due_at(start: datetime, day: int, calendar: Calendar, zone: ZoneInfo) -> datetime:
     """UTC time a step is due: `day` days after the enrollment's first slot, at that slot's local time.
 
