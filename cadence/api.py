@@ -7,15 +7,15 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import date, datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import col, select
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -25,14 +25,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cadence import store
-from cadence.engine import Effects, EngineError
-from cadence.inbox import parse_json
+from cadence.engine import EngineError
+from cadence.inbox import Rejection, read_model
 from cadence.language import OutcomeName
 from cadence.models import CallTask
 from cadence.service import Service, run_embedded
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 #: Largest webhook or API body accepted, in bytes.
 MAX_BODY_BYTES = 1_000_000
@@ -56,14 +55,9 @@ def error(status: int, code: str, message: str, field: str | None = None, **extr
     return _JSON({"error": {"code": code, "message": message, "field": field, **extra}}, status_code=status)
 
 
-def _validation_error(exc: ValidationError) -> _JSON:
-    problems = [
-        {"field": ".".join(str(p) for p in e["loc"]) or None, "message": e["msg"]} for e in exc.errors()
-    ]
-    first = problems[0]
-    return error(
-        422, "invalid", f"{first['field'] or 'body'}: {first['message']}", first["field"], problems=problems
-    )
+def rejected(r: Rejection) -> _JSON:
+    extra = {"problems": r.problems} if r.problems else {}
+    return error(r.status, r.code, r.message, r.field, **extra)
 
 
 async def _body(request: Request) -> bytes:
@@ -71,13 +65,6 @@ async def _body(request: Request) -> bytes:
     if len(body) > MAX_BODY_BYTES:
         raise HTTPException(413, f"body is over {MAX_BODY_BYTES} bytes")
     return body
-
-
-def _json_body(body: bytes) -> Any:
-    try:
-        return parse_json(body)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise HTTPException(400, f"body is not JSON that can be stored: {exc}") from exc
 
 
 def verify_signature(secret: str, header: str | None, body: bytes, now: float, tolerance: int) -> str | None:
@@ -127,9 +114,6 @@ def create_app(service: Service, background: bool = True) -> Starlette:
     settings = service.settings
     local_zone = ZoneInfo(settings.default_timezone)
 
-    async def sync(fn: Callable[..., T], *args: Any) -> T:
-        return await run_in_threadpool(fn, *args)
-
     async def webhook(request: Request) -> Response:
         source = request.path_params["source"]
         if source != "generic":
@@ -146,15 +130,13 @@ def create_app(service: Service, background: bool = True) -> Starlette:
             if problem:
                 service.metrics.webhooks.labels(source, "unauthorised").inc()
                 return error(401, "bad_signature", problem, SIGNATURE_HEADER)
-        return await sync(_receive, source, body)
+        return await run_in_threadpool(_receive, source, body)
 
     def _receive(source: str, body: bytes) -> Response:
         intake = service.inbox.receive(source, body)
         if intake.rejection is not None:
-            r = intake.rejection
-            extra = {"problems": r.problems} if r.problems else {}
-            return error(r.status, r.code, r.message, r.field, **extra)
-        effects = intake.effects or Effects()
+            return rejected(intake.rejection)
+        effects = intake.effects
         return _JSON(
             {
                 "event_id": intake.event_id,
@@ -166,13 +148,11 @@ def create_app(service: Service, background: bool = True) -> Starlette:
         )
 
     async def outcomes(request: Request) -> Response:
-        try:
-            data = OutcomeIn.model_validate(_json_body(await _body(request)))
-        except HTTPException as exc:
-            return error(400, "unreadable", str(exc.detail), "body")
-        except ValidationError as exc:
-            return _validation_error(exc)
-        return await sync(_record_outcome, data)
+        _, data, rejection = read_model(await _body(request), OutcomeIn)
+        if data is None:
+            assert rejection is not None
+            return rejected(rejection)
+        return await run_in_threadpool(_record_outcome, data)
 
     def _record_outcome(data: OutcomeIn) -> Response:
         try:
@@ -186,8 +166,9 @@ def create_app(service: Service, background: bool = True) -> Starlette:
                     note=data.note,
                 )
         except EngineError as exc:
-            status = 404 if str(exc).startswith("no ") else 422
-            return error(status, "not_found" if status == 404 else "invalid", str(exc), exc.field)
+            if exc.not_found:
+                return error(404, "not_found", str(exc), exc.field)
+            return error(422, "invalid", str(exc), exc.field)
         service.metrics.outcomes.labels(outcome.name).inc()
         return _JSON(
             {
@@ -206,7 +187,7 @@ def create_app(service: Service, background: bool = True) -> Starlette:
         if not raw.isdigit() or not 1 <= int(raw) <= MAX_ID:
             return error(422, "invalid", f"enrollment id is a whole number from 1 to {MAX_ID}", "id")
         enrollment_id = int(raw)
-        found = await sync(service.timeline, enrollment_id)
+        found = await run_in_threadpool(service.timeline, enrollment_id)
         if found is None:
             return error(404, "not_found", f"no enrollment {enrollment_id}", "id")
         return _JSON(found)
@@ -221,7 +202,7 @@ def create_app(service: Service, background: bool = True) -> Starlette:
             day = date.fromisoformat(raw) if raw else service.clock().astimezone(local_zone).date()
         except ValueError:
             return error(422, "invalid", f"date {raw!r} is not YYYY-MM-DD", "date")
-        return _JSON(await sync(_call_tasks, owner, day, status))
+        return _JSON(await run_in_threadpool(_call_tasks, owner, day, status))
 
     def _call_tasks(owner: str | None, day: date, status: str) -> dict[str, Any]:
         with store.session(service.db) as s:
@@ -234,7 +215,7 @@ def create_app(service: Service, background: bool = True) -> Starlette:
             return {"date": day, "owner": owner, "status": status, "tasks": [t.model_dump() for t in tasks]}
 
     async def healthz(request: Request) -> Response:
-        return await sync(_health)
+        return await run_in_threadpool(_health)
 
     def _health() -> Response:
         checks: dict[str, str] = {}
@@ -245,7 +226,7 @@ def create_app(service: Service, background: bool = True) -> Starlette:
         except sa.exc.SQLAlchemyError as exc:
             checks["database"] = f"error: {exc.__class__.__name__}"
         client = getattr(service.broker, "client", None)
-        if client is None:
+        if settings.embedded_broker or client is None:
             checks["broker"] = "ok (in-process)"
         else:
             try:

@@ -9,12 +9,13 @@ import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.brokers.stub import StubBroker
 
+from cadence.dispatch import MAX_ATTEMPTS
 from cadence.settings import SEND_TIME_LIMIT_SECONDS
 
 #: Queue that carries touch ids to workers.
 QUEUE = "touches"
-#: Broker retries after a transient delivery error (the touch's own attempt count also caps them).
-MAX_RETRIES = 4
+#: Broker retries after a transient delivery error: the attempts a touch has, less the first.
+MAX_RETRIES = MAX_ATTEMPTS - 1
 #: Milliseconds before the first retry; Dramatiq doubles it each time.
 MIN_BACKOFF_MS = 2_000
 #: Milliseconds one send may take before the worker gives up on it.

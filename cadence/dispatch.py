@@ -119,7 +119,6 @@ class Dispatcher:
                     touch.receipt = {
                         "provider": receipt.provider,
                         "reference": receipt.reference,
-                        **receipt.detail,
                     }
                     self.finish(s, touch, TouchStatus.sent, None)
                 return

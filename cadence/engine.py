@@ -50,9 +50,10 @@ _CONTACT_KEYS = ("name", "first_name", "email", "phone", "company", "title", "ad
 class EngineError(Exception):
     """A request the engine cannot carry out; `field` names the input at fault."""
 
-    def __init__(self, message: str, field: str | None = None) -> None:
+    def __init__(self, message: str, field: str | None = None, not_found: bool = False) -> None:
         super().__init__(message)
         self.field = field
+        self.not_found = not_found
 
 
 @dataclass
@@ -102,8 +103,12 @@ def enrollment_view(enrollment: Enrollment) -> dict[str, Any]:
     }
 
 
-def _insert_or_get(s: Session, row: T, existing: Callable[[], T | None]) -> T:
-    """Insert `row`, or return the one a concurrent transaction inserted first under the same unique key."""
+def _get_or_insert(s: Session, existing: Callable[[], T | None], make: Callable[[], T]) -> T:
+    """The row `existing` finds, else a new one; a row a concurrent transaction inserted first wins."""
+    found = existing()
+    if found is not None:
+        return found
+    row = make()
     try:
         with s.begin_nested():
             s.add(row)
@@ -114,6 +119,18 @@ def _insert_or_get(s: Session, row: T, existing: Callable[[], T | None]) -> T:
         if found is None:
             raise
         return found
+
+
+def _apply(
+    row: Contact | Deal, data: ContactData | DealData, columns: tuple[str, ...], now: datetime
+) -> None:
+    """What the CRM sent: the fields it named overwrite, the others stay; extra fields merge."""
+    for column in columns:
+        value = getattr(data, column)
+        if value is not None:
+            setattr(row, column, value)
+    row.attributes = {**row.attributes, **(data.model_extra or {})}
+    row.updated_at = now
 
 
 @lru_cache(maxsize=256)
@@ -132,8 +149,7 @@ class Engine:
 
     def spec_of(self, s: Session, enrollment: Enrollment) -> CadenceSpec:
         """The cadence version the enrollment started on, whatever the rules say now."""
-        version = s.get(CadenceVersion, enrollment.cadence_version_id)
-        assert version is not None
+        version = s.get_one(CadenceVersion, enrollment.cadence_version_id)
         return _spec_from_text(version.yaml_text, version.file)
 
     def _current_version(self, s: Session, name: str, now: datetime) -> CadenceVersion:
@@ -146,14 +162,16 @@ class Engine:
                 )
             ).first()
 
-        version = CadenceVersion(
-            name=name,
-            content_hash=parsed.content_hash,
-            yaml_text=parsed.text,
-            file=parsed.file,
-            created_at=now,
-        )
-        return existing() or _insert_or_get(s, version, existing)
+        def make() -> CadenceVersion:
+            return CadenceVersion(
+                name=name,
+                content_hash=parsed.content_hash,
+                yaml_text=parsed.text,
+                file=parsed.file,
+                created_at=now,
+            )
+
+        return _get_or_insert(s, existing, make)
 
     # --- events ---------------------------------------------------------------------------------------------
 
@@ -181,15 +199,10 @@ class Engine:
                 select(Contact).where(Contact.source == source, Contact.external_id == data.id)
             ).first()
 
-        contact = existing() or _insert_or_get(
-            s, Contact(source=source, external_id=data.id, created_at=now, updated_at=now), existing
+        contact = _get_or_insert(
+            s, existing, lambda: Contact(source=source, external_id=data.id, created_at=now, updated_at=now)
         )
-        for column in _CONTACT_COLUMNS:
-            value = getattr(data, column)
-            if value is not None:
-                setattr(contact, column, value)
-        contact.attributes = {**contact.attributes, **(data.model_extra or {})}
-        contact.updated_at = now
+        _apply(contact, data, _CONTACT_COLUMNS, now)
         s.flush()
         return contact
 
@@ -200,20 +213,15 @@ class Engine:
         self, s: Session, source: str, data: DealData, contact: Contact, deal: Deal | None, now: datetime
     ) -> Deal:
         if deal is None:
-            deal = _insert_or_get(
+            deal = _get_or_insert(
                 s,
-                Deal(
+                lambda: self._find_deal(s, source, data),
+                lambda: Deal(
                     source=source, external_id=data.id, contact_id=contact.id, created_at=now, updated_at=now
                 ),
-                lambda: self._find_deal(s, source, data),
             )
         deal.contact_id = contact.id
-        for column in _DEAL_COLUMNS:
-            value = getattr(data, column)
-            if value is not None:
-                setattr(deal, column, value)
-        deal.attributes = {**deal.attributes, **(data.model_extra or {})}
-        deal.updated_at = now
+        _apply(deal, data, _DEAL_COLUMNS, now)
         return deal
 
     def _enroll_matching(
@@ -245,7 +253,7 @@ class Engine:
     ) -> Enrollment | None:
         """Start `name` for the deal (or the contact); None when one is already active."""
         if name not in self._rules():
-            raise EngineError(f"no cadence named {name!r}", field="cadence")
+            raise EngineError(f"no cadence named {name!r}", field="cadence", not_found=True)
         subject = f"deal:{deal.id}" if deal is not None else f"contact:{contact.id}"
         if self.blocked(s, contact.id or 0, None) is not None:
             return None
@@ -295,8 +303,7 @@ class Engine:
         if existing is not None:
             return existing
         step = spec.steps[step_index]
-        contact = s.get(Contact, enrollment.contact_id)
-        assert contact is not None
+        contact = s.get_one(Contact, enrollment.contact_id)
         touch = Touch(
             enrollment_id=enrollment.id or 0,
             step_index=step_index,
@@ -431,8 +438,7 @@ class Engine:
         return None, None
 
     def context(self, s: Session, enrollment: Enrollment) -> dict[str, Any]:
-        contact = s.get(Contact, enrollment.contact_id)
-        assert contact is not None
+        contact = s.get_one(Contact, enrollment.contact_id)
         deal = s.get(Deal, enrollment.deal_id) if enrollment.deal_id else None
         return {
             "contact": contact_view(contact),
@@ -458,7 +464,7 @@ class Engine:
         if touch_id is not None:
             touch = s.get(Touch, touch_id)
             if touch is None:
-                raise EngineError(f"no touch {touch_id}", field="touch_id")
+                raise EngineError(f"no touch {touch_id}", field="touch_id", not_found=True)
             if enrollment_id is not None and enrollment_id != touch.enrollment_id:
                 raise EngineError(
                     f"touch {touch_id} belongs to enrollment {touch.enrollment_id}", field="enrollment_id"
@@ -468,7 +474,7 @@ class Engine:
             raise EngineError("give `touch_id` or `enrollment_id`", field="touch_id")
         enrollment = s.get(Enrollment, enrollment_id)
         if enrollment is None:
-            raise EngineError(f"no enrollment {enrollment_id}", field="enrollment_id")
+            raise EngineError(f"no enrollment {enrollment_id}", field="enrollment_id", not_found=True)
         outcome = Outcome(
             name=name,
             enrollment_id=enrollment.id,
@@ -486,11 +492,9 @@ class Engine:
                 task.status = "done"
                 task.outcome = name
         effects = Effects()
-        contact = s.get(Contact, enrollment.contact_id)
-        assert contact is not None
+        contact = s.get_one(Contact, enrollment.contact_id)
         if name in ("won", "lost") and enrollment.deal_id is not None:
-            deal = s.get(Deal, enrollment.deal_id)
-            assert deal is not None
+            deal = s.get_one(Deal, enrollment.deal_id)
             deal.status = name
             deal.updated_at = now
         elif (

@@ -11,10 +11,10 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlmodel import col, select
 
 from cadence import store
@@ -25,6 +25,7 @@ from cadence.metrics import Metrics
 from cadence.models import InboundEvent
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class Rejection:
 class Intake:
     event_id: str
     duplicate: bool = False
-    effects: Effects | None = None
+    effects: Effects = dataclasses.field(default_factory=Effects)
     rejection: Rejection | None = None
 
 
@@ -74,13 +75,14 @@ def _nul_path(value: Any, path: str) -> str | None:
     return None
 
 
-def _read(body: bytes) -> tuple[Any, Event | None, Rejection | None]:
+def read_model(body: bytes, model: type[M]) -> tuple[Any, M | None, Rejection | None]:
+    """Parse a body strictly and validate it: (the payload, the model or None, why not or None)."""
     try:
         payload = parse_json(body)
     except (UnicodeDecodeError, ValueError) as exc:
         return None, None, Rejection(400, "unreadable", f"body is not JSON that can be stored: {exc}", "body")
     try:
-        event = Event.model_validate(payload)
+        return payload, model.model_validate(payload), None
     except ValidationError as exc:
         problems = [
             {"field": ".".join(str(p) for p in e["loc"]) or None, "message": e["msg"]} for e in exc.errors()
@@ -88,6 +90,12 @@ def _read(body: bytes) -> tuple[Any, Event | None, Rejection | None]:
         first = problems[0]
         message = f"{first['field'] or 'body'}: {first['message']}"
         return payload, None, Rejection(422, "invalid", message, first["field"], problems)
+
+
+def _read(body: bytes) -> tuple[Any, Event | None, Rejection | None]:
+    payload, event, rejection = read_model(body, Event)
+    if event is None:
+        return payload, None, rejection
     missing = event.missing_subject()
     if missing is not None:
         message = f"{missing}: a {event.type} event needs `{missing}`"
@@ -141,7 +149,7 @@ class Inbox:
             effects = self.process(row.id or 0, source, event)
         except EngineError as exc:
             return Intake(event_id, rejection=Rejection(422, "not_applicable", str(exc), exc.field))
-        return Intake(event_id, effects=effects or Effects())
+        return Intake(event_id, effects=effects or Effects())  # None: another process acted on it
 
     def _retry(self, delivery: InboundEvent) -> InboundEvent | None:
         """A new delivery of a rejected or failed event takes its place; None for a true duplicate."""

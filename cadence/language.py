@@ -7,6 +7,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from datetime import time
+from functools import cached_property
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -15,29 +16,6 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from cadence import sandbox, yamlpos
 from cadence.errors import Problem, RulesError
-
-EVENT_TYPES = (
-    "contact.created",
-    "contact.updated",
-    "deal.created",
-    "deal.updated",
-    "deal.stage_changed",
-    "deal.won",
-    "deal.lost",
-)
-OUTCOMES = (
-    "replied",
-    "meeting_booked",
-    "no_answer",
-    "left_voicemail",
-    "not_interested",
-    "unsubscribed",
-    "bounced",
-    "do_not_contact",
-    "won",
-    "lost",
-)
-CHANNELS = ("email", "sms", "call", "letter")
 
 EventType = Literal[
     "contact.created",
@@ -245,9 +223,10 @@ class Parsed:
     def where(self, path: tuple[str | int, ...]) -> tuple[int, int]:
         return self.located.where(path)
 
-    @property
+    @cached_property
     def content_hash(self) -> str:
-        return content_hash(self.text)
+        """The version's identity: the same text is the same version."""
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
 
 
 def parse(text: str, file: str) -> Parsed:
@@ -290,7 +269,3 @@ def parse(text: str, file: str) -> Parsed:
     if problems:
         raise RulesError(problems)
     return Parsed(spec, file, text, located)
-
-
-def content_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()

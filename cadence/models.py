@@ -43,14 +43,12 @@ class TouchStatus:
     failed = "failed"
     skipped = "skipped"
     cancelled = "cancelled"
-    done = frozenset({sent, failed, skipped, cancelled})
 
 
 class EnrollmentStatus:
     active = "active"
     completed = "completed"
     exited = "exited"
-    stopped = "stopped"
 
 
 class Contact(SQLModel, table=True):

@@ -48,7 +48,9 @@ def _check_templates(parsed: Parsed, templates_dir: Path, env: jinja2.Environmen
         line, column = parsed.where(("steps", i, "template"))
         for ext in PARTS[step.channel].values():
             name = f"{step.template}{ext}"
-            if not (templates_dir / name).is_file():
+            try:
+                env.get_template(name)
+            except jinja2.TemplateNotFound:
                 problems.append(
                     Problem(
                         parsed.file,
@@ -58,9 +60,6 @@ def _check_templates(parsed: Parsed, templates_dir: Path, env: jinja2.Environmen
                         f"create {templates_dir / name}",
                     )
                 )
-                continue
-            try:
-                env.parse(env.loader.get_source(env, name)[0])  # type: ignore[union-attr]
             except jinja2.TemplateSyntaxError as exc:
                 problems.append(Problem(parsed.file, line, column, f"{name}:{exc.lineno}: {exc.message}"))
     return problems

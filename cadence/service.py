@@ -7,7 +7,6 @@ import threading
 from datetime import timedelta
 from typing import Any
 
-import dramatiq
 from dramatiq import Worker
 from sqlmodel import col, select
 
@@ -19,7 +18,7 @@ from cadence.dispatch import Dispatcher
 from cadence.engine import Engine
 from cadence.inbox import Inbox
 from cadence.metrics import Metrics
-from cadence.models import Contact, Enrollment, Outcome, Touch
+from cadence.models import Contact, Enrollment, EnrollmentStatus, Outcome, Touch
 from cadence.rules import RuleSet
 from cadence.scheduler import Scheduler
 from cadence.settings import Settings
@@ -33,23 +32,23 @@ log = logging.getLogger(__name__)
 
 
 def build_channels(settings: Settings, db: Any, clock: Clock) -> dict[str, Channel]:
-    return {
-        "email": EmailOutbox(settings.outbox_dir),
-        "sms": SmsOutbox(settings.outbox_dir),
-        "letter": LetterOutbox(settings.outbox_dir),
-        "call": CallTasks(db, clock),
-    }
+    channels: list[Channel] = [
+        EmailOutbox(settings.outbox_dir),
+        SmsOutbox(settings.outbox_dir),
+        LetterOutbox(settings.outbox_dir),
+        CallTasks(db, clock),
+    ]
+    return {channel.name: channel for channel in channels}
 
 
 class Service:
     """Everything one process needs; `cadence serve`, `worker` and `scheduler` each build one."""
 
-    def __init__(self, settings: Settings, clock: Clock = system_clock, migrate: bool = True) -> None:
+    def __init__(self, settings: Settings, clock: Clock = system_clock) -> None:
         self.settings = settings
         self.clock = clock
         self.db = store.create_engine(settings.database_url)
-        if migrate:
-            store.migrate(self.db)
+        store.migrate(self.db)
         self._rules = self._load_rules()
         self.engine = Engine(lambda: self._rules, settings.default_timezone)
         self.channels = build_channels(settings, self.db, clock)
@@ -87,7 +86,7 @@ class Service:
         return self._rules
 
     def timeline(self, enrollment_id: int) -> dict[str, Any] | None:
-        """The enrollment's touches as stored, the steps still to come as planned now, and its outcomes."""
+        """The enrollment's touches as stored, the steps still to come by the cadence's days, its outcomes."""
         with store.session(self.db) as s:
             enrollment = s.get(Enrollment, enrollment_id)
             if enrollment is None:
@@ -118,7 +117,7 @@ class Service:
                 }
                 for t in touches
             ]
-            if enrollment.status == "active":
+            if enrollment.status == EnrollmentStatus.active:
                 contact = s.get_one(Contact, enrollment.contact_id)
                 for index in range(max((t.step_index for t in touches), default=-1) + 1, len(spec.steps)):
                     step = spec.steps[index]
@@ -189,7 +188,7 @@ class Service:
 
 def run_embedded(service: Service) -> None:
     """The embedded mode's background parts: worker threads and the scheduler, inside the server process."""
-    if not isinstance(service.broker, dramatiq.brokers.stub.StubBroker):
+    if not service.settings.embedded_broker:
         return
     service.start_worker()
     service.start_scheduler()

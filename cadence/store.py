@@ -21,12 +21,12 @@ _MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def create_engine(url: str) -> sa.Engine:
-    """An engine tuned per backend: SQLite gets WAL and write-ahead locking so threads never deadlock."""
+    """An engine tuned per backend: SQLite gets WAL and takes its write lock up front (BEGIN IMMEDIATE)."""
     if url.startswith("sqlite"):
         database = sa.make_url(url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False})
         sa.event.listen(engine, "connect", _sqlite_connect)
         sa.event.listen(engine, "begin", _sqlite_begin)
         return engine

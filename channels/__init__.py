@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,17 +24,13 @@ PARTS: dict[str, dict[str, str]] = {
 
 
 class DeliveryError(Exception):
-    """A provider refused or failed; `transient` says whether trying again may work."""
+    """A provider refused or failed for good; TransientError is the kind where trying again may work."""
 
     transient: ClassVar[bool] = False
 
 
 class TransientError(DeliveryError):
     transient = True
-
-
-class PermanentError(DeliveryError):
-    transient = False
 
 
 @dataclass(frozen=True)
@@ -57,7 +53,6 @@ class Message:
 class Receipt:
     provider: str
     reference: str
-    detail: dict[str, Any] = field(default_factory=dict)
 
 
 class Channel:

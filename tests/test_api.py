@@ -586,3 +586,14 @@ def test_metrics_count_webhooks_by_result(api: Harness) -> None:
     assert 'cadence_webhooks_total{result="processed",source="generic"} 1.0' in lines
     assert 'cadence_webhooks_total{result="duplicate",source="generic"} 1.0' in lines
     assert 'cadence_webhooks_total{result="rejected",source="generic"} 1.0' in lines
+
+
+@pytest.mark.parametrize("path", ["/webhooks/generic", "/outcomes"])
+def test_a_body_over_the_limit_is_413_on_every_endpoint(api: Harness, path: str) -> None:
+    from cadence.api import MAX_BODY_BYTES
+
+    body = b'{"note": "' + b"x" * MAX_BODY_BYTES + b'"}'
+    response = api.client.post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "http"
+    assert _count(api, InboundEvent) == 0

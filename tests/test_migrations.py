@@ -177,7 +177,7 @@ def test_ended_enrollments_of_the_same_subject_may_be_many(db: sa.Engine) -> Non
         EnrollmentStatus.completed,
         EnrollmentStatus.exited,
         EnrollmentStatus.exited,
-        EnrollmentStatus.stopped,
+        EnrollmentStatus.completed,
     ]
 
     for status in ended:
