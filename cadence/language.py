@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import re
 from dataclasses import dataclass
@@ -12,10 +11,11 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import holidays
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from cadence import sandbox, yamlpos
 from cadence.errors import Problem, RulesError
+from cadence.validation import validate
 
 EventType = Literal[
     "contact.created",
@@ -164,53 +164,6 @@ class CadenceSpec(_Model):
     steps: Annotated[tuple[Step, ...], Field(min_length=1)]
 
 
-_SECTIONS: dict[str, type[_Model]] = {
-    "enroll": Enroll,
-    "exit": Exit,
-    "then": Then,
-    "calendar": Calendar,
-    "steps": Step,
-}
-
-
-def _allowed_keys(loc: tuple[str | int, ...]) -> list[str]:
-    """The keys valid in the mapping that holds loc[-1]."""
-    parent = loc[:-1]
-    model: type[_Model] = CadenceSpec
-    if parent and isinstance(parent[0], str) and parent[0] in _SECTIONS:
-        model = _SECTIONS[parent[0]]
-    return list(model.model_fields)
-
-
-def _problem(file: str, located: yamlpos.Located, error: Any) -> Problem:
-    loc = tuple(error["loc"])
-    kind = error["type"]
-    where = ".".join(str(p) for p in loc) or "document"
-    if kind == "extra_forbidden":
-        key = str(loc[-1])
-        valid = _allowed_keys(loc)
-        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-        suggestion = f"did you mean {close[0]!r}?" if close else f"valid keys here: {', '.join(valid)}"
-        line, column = located.where(loc, key=True)
-        return Problem(file, line, column, f"unknown key {key!r} at {where}", suggestion)
-    line, column = located.where(loc)
-    message = str(error["msg"]).removeprefix("Value error, ")
-    hint: str | None = None
-    if kind == "missing":
-        message = f"{where} is required"
-        if loc[-1] == "reason":
-            hint = "every touch needs a reason: the new information it brings"
-    elif kind == "literal_error" and isinstance(error.get("input"), str):
-        expected = error.get("ctx", {}).get("expected", "")
-        choices = re.findall(r"'([^']+)'", expected)
-        close = difflib.get_close_matches(error["input"], choices, n=1, cutoff=0.5)
-        hint = f"did you mean {close[0]!r}?" if close else None
-        message = f"{where}: {message}"
-    else:
-        message = f"{where}: {message}"
-    return Problem(file, line, column, message, hint)
-
-
 @dataclass(frozen=True)
 class Parsed:
     """A valid cadence with its source, so later checks can point into the file."""
@@ -231,21 +184,7 @@ class Parsed:
 
 def parse(text: str, file: str) -> Parsed:
     """Validate one cadence file; raises RulesError carrying every problem with its position."""
-    try:
-        located = yamlpos.load(text)
-    except yamlpos.YamlSyntaxError as exc:
-        raise RulesError([Problem(file, exc.line, exc.column, f"YAML syntax: {exc.message}")]) from exc
-    if not isinstance(located.data, dict):
-        raise RulesError([Problem(file, 1, 1, "a cadence file is a mapping with `cadence:` and `steps:`")])
-    try:
-        spec = CadenceSpec.model_validate(located.data)
-    except ValidationError as exc:
-        errors = exc.errors()
-        # A list whose items failed is also reported as too short; the item errors say more.
-        deeper = {tuple(e["loc"][:n]) for e in errors for n in range(len(e["loc"]))}
-        errors = [e for e in errors if not (e["type"] == "too_short" and tuple(e["loc"]) in deeper)]
-        found = sorted((_problem(file, located, e) for e in errors), key=lambda p: (p.line, p.column))
-        raise RulesError(found) from exc
+    spec, located = validate(text, file, CadenceSpec, "a mapping with `cadence:` and `steps:`")
     problems = []
     previous_day = 0
     for i, step in enumerate(spec.steps):
