@@ -211,7 +211,8 @@ def create_app(service: Service, background: bool = True) -> Starlette:
                 query = query.where(CallTask.owner == owner)
             if status != "all":
                 query = query.where(CallTask.status == status)
-            tasks = s.exec(query.order_by(col(CallTask.due_at), col(CallTask.id))).all()
+            ordered = query.order_by(col(CallTask.priority).desc(), col(CallTask.due_at), col(CallTask.id))
+            tasks = s.exec(ordered).all()
             return {"date": day, "owner": owner, "status": status, "tasks": [t.model_dump() for t in tasks]}
 
     async def healthz(request: Request) -> Response:

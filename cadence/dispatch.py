@@ -10,17 +10,20 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import jinja2
 import sqlalchemy as sa
-from sqlmodel import Session, col, update
+from sqlmodel import Session, col, select, update
 
 from cadence import sandbox, store, timing
 from cadence.clock import Clock
 from cadence.engine import Engine
+from cadence.language import Calendar
 from cadence.metrics import Metrics
-from cadence.models import Enrollment, EnrollmentStatus, Touch, TouchStatus
+from cadence.models import Contact, Enrollment, EnrollmentStatus, Touch, TouchStatus
 from channels import Channel, DeliveryError, Message, Receipt, TransientError
 
 log = logging.getLogger(__name__)
@@ -107,6 +110,7 @@ class Dispatcher:
             return False
         touch.status = TouchStatus.queued
         touch.queued_at = self.clock()
+        touch.cleared_at = None
         touch.status_reason = why
         return True
 
@@ -142,15 +146,12 @@ class Dispatcher:
             return self._close(touch, TouchStatus.cancelled, why), None
         spec = self.engine.spec_of(s, enrollment)
         contact = context["contact"]
-        zone, calendar = self.engine.placement(spec, contact["timezone"], contact["country"])
+        zone, calendar = self.engine.placement(spec, contact["timezone"], contact["country"], touch.channel)
         slot = timing.due_at(now, 0, calendar, zone)
         if slot > now:
             # Late (a backlog, an outage, a retry) and now outside the window or on a day off: wait for it.
-            touch.status, touch.due_at, touch.queued_at = TouchStatus.planned, slot, None
-            touch.attempts -= 1
-            touch.status_reason = "deferred to the next send window"
-            return Result(touch_id, TouchStatus.planned, touch.status_reason), None
-        blocked = self.engine.blocked(s, enrollment.contact_id, touch.channel)
+            return self._defer(touch, slot, "deferred to the next send window"), None
+        blocked = self.engine.blocked(s, enrollment.contact_id, touch.channel, now)
         skipped = sandbox.skip_reason(spec.steps[touch.step_index].when, context) or blocked
         if skipped:
             return self.finish(s, touch, TouchStatus.skipped, skipped), None
@@ -158,6 +159,9 @@ class Dispatcher:
         missing = channel.missing(context["contact"])
         if missing:
             return self.finish(s, touch, TouchStatus.skipped, missing), None
+        capped = self._capped(s, touch, enrollment.contact_id, now, zone, calendar)
+        if capped is not None:
+            return self._defer(touch, *capped), None
         context.update(
             reason=touch.reason,
             sender=dict(self.sender),
@@ -183,8 +187,60 @@ class Dispatcher:
             local_date=now.astimezone(zone).date(),
             parts=parts,
             sender=self.sender,
+            priority=self._priority(context) if touch.channel == "call" else 0.0,
         )
+        touch.cleared_at = now
         return Result(touch_id, TouchStatus.sending), message
+
+    def _defer(self, touch: Touch, until: datetime, why: str) -> Result:
+        """Not now: plan the touch again for `until`; the attempt does not count."""
+        touch.status, touch.due_at, touch.queued_at = TouchStatus.planned, until, None
+        touch.attempts -= 1
+        touch.status_reason = why
+        return Result(touch.id or 0, TouchStatus.planned, why)
+
+    def _capped(
+        self, s: Session, touch: Touch, contact_id: int, now: datetime, zone: ZoneInfo, calendar: Calendar
+    ) -> tuple[datetime, str] | None:
+        """(when the contact may next be touched, why) if the policy's caps are reached, else None."""
+        caps = self.engine.policy.caps
+        if not caps.per_day and not caps.per_week:
+            return None
+        # One decision at a time per contact, so two workers cannot both take the last place under a cap.
+        s.exec(select(Contact.id).where(Contact.id == contact_id).with_for_update()).one()
+        local_midnight = datetime.combine(now.astimezone(zone).date(), datetime.min.time(), tzinfo=zone)
+        since = min(now - timedelta(days=7), local_midnight.astimezone(UTC))
+        cleared = sorted(
+            at
+            for at in s.exec(
+                select(Touch.cleared_at)
+                .join(Enrollment, col(Enrollment.id) == col(Touch.enrollment_id))
+                .where(
+                    Enrollment.contact_id == contact_id,
+                    col(Touch.status).in_([TouchStatus.sending, TouchStatus.sent]),
+                    col(Touch.cleared_at) >= since,
+                    col(Touch.id) != touch.id,
+                )
+            ).all()
+            if at is not None
+        )
+        today = [at for at in cleared if at >= local_midnight]
+        if caps.per_day and len(today) >= caps.per_day:
+            tomorrow = local_midnight + timedelta(days=1)
+            return timing.due_at(tomorrow, 0, calendar, zone), f"deferred: {caps.per_day} touch(es) a day cap"
+        # Strictly within the last 7 days, so the moment a place frees up always lies ahead of now.
+        week = [at for at in cleared if at > now - timedelta(days=7)]
+        if caps.per_week and len(week) >= caps.per_week:
+            frees = week[len(week) - caps.per_week] + timedelta(days=7)
+            return timing.due_at(frees, 0, calendar, zone), f"deferred: {caps.per_week} touches a week cap"
+        return None
+
+    def _priority(self, context: Mapping[str, Any]) -> float:
+        try:
+            value = sandbox.evaluate(self.engine.policy.call_priority, context)
+            return float(value or 0)
+        except (sandbox.ExpressionError, TypeError, ValueError):
+            return 0.0
 
     def _delivery_failed(self, touch_id: int, exc: DeliveryError) -> Result:
         with store.session(self.db) as s:

@@ -21,6 +21,7 @@ from cadence import sandbox, timing
 from cadence.events import ContactData, DealData, Event
 from cadence.language import CadenceSpec, Calendar, parse
 from cadence.models import (
+    Block,
     CadenceVersion,
     CallTask,
     Contact,
@@ -31,6 +32,7 @@ from cadence.models import (
     Touch,
     TouchStatus,
 )
+from cadence.policy import Policy
 from cadence.rules import RuleSet
 
 log = logging.getLogger(__name__)
@@ -38,11 +40,6 @@ T = TypeVar("T", bound=SQLModel)
 
 _CONTACT_COLUMNS = ("name", "email", "phone", "timezone", "country", "address")
 _DEAL_COLUMNS = ("title", "stage", "status", "amount", "currency", "owner", "probability")
-#: Outcomes that block a contact, and the channels they block (None: every channel).
-BLOCKING_OUTCOMES: dict[str, frozenset[str] | None] = {
-    "do_not_contact": None,
-    "unsubscribed": frozenset({"email"}),
-}
 #: Contact keys every template can rely on (None when the CRM did not send them).
 _CONTACT_KEYS = ("name", "first_name", "email", "phone", "company", "title", "address", "timezone", "country")
 
@@ -144,6 +141,10 @@ class Engine:
     def __init__(self, rules: Callable[[], RuleSet], default_timezone: str) -> None:
         self._rules = rules
         self.default_timezone = default_timezone
+
+    @property
+    def policy(self) -> Policy:
+        return self._rules().policy
 
     # --- versions -------------------------------------------------------------------------------------------
 
@@ -255,7 +256,7 @@ class Engine:
         if name not in self._rules():
             raise EngineError(f"no cadence named {name!r}", field="cadence", not_found=True)
         subject = f"deal:{deal.id}" if deal is not None else f"contact:{contact.id}"
-        if self.blocked(s, contact.id or 0, None) is not None:
+        if self.blocked(s, contact.id or 0, None, now) is not None:
             return None
         # Active: never twice at once. Ended by an outcome (a reply, an unsubscribe, "not interested"):
         # the person answered this cadence, so the same trigger must not start it over.
@@ -317,9 +318,12 @@ class Engine:
         return touch
 
     def placement(
-        self, spec: CadenceSpec, timezone: str | None, country: str | None
+        self, spec: CadenceSpec, timezone: str | None, country: str | None, channel: str | None = None
     ) -> tuple[ZoneInfo, Calendar]:
-        return timing.placement(spec.calendar, timezone, country, self.default_timezone)
+        """Zone and calendar for a contact; for a channel with quiet hours, a window narrowed to them."""
+        zone, calendar = timing.placement(spec.calendar, timezone, country, self.default_timezone)
+        hours = self.policy.quiet_hours.get(channel) if channel else None  # type: ignore[call-overload]
+        return zone, timing.narrowed(calendar, hours) if hours else calendar
 
     def due(
         self,
@@ -330,25 +334,49 @@ class Engine:
         now: datetime | None = None,
     ) -> datetime:
         """When the step is due; if planned at `now` behind schedule (an outage), its spacing from now."""
-        zone, calendar = self.placement(spec, contact.timezone, contact.country)
-        due = timing.due_at(started_at, spec.steps[step_index].day, calendar, zone)
+        step = spec.steps[step_index]
+        zone, calendar = self.placement(spec, contact.timezone, contact.country, step.channel)
+        due = timing.due_at(started_at, step.day, calendar, zone)
         if now is None or step_index == 0 or due >= now:
             return due
-        gap = spec.steps[step_index].day - spec.steps[step_index - 1].day
+        gap = step.day - spec.steps[step_index - 1].day
         return timing.due_at(now, gap, calendar, zone)
 
-    def blocked(self, s: Session, contact_id: int, channel: str | None) -> str | None:
-        """Why the contact may not be touched on `channel` (None: on any channel at all), or None."""
-        names = s.exec(
-            select(Outcome.name).where(
-                Outcome.contact_id == contact_id, col(Outcome.name).in_(list(BLOCKING_OUTCOMES))
+    def blocked(self, s: Session, contact_id: int, channel: str | None, now: datetime) -> str | None:
+        """Why the contact may not be touched on `channel` now (None: on any channel at all), or None."""
+        on_channel = sa.or_(col(Block.channel).is_(None), col(Block.channel) == channel)
+        block = s.exec(
+            select(Block)
+            .where(
+                Block.contact_id == contact_id,
+                on_channel,
+                col(Block.lifted_at).is_(None),
+                col(Block.starts_at) <= now,
+                col(Block.until).is_(None) | (col(Block.until) > now),
             )
-        ).all()
-        for name in sorted(set(names)):
-            channels = BLOCKING_OUTCOMES[name]
-            if channels is None or (channel is not None and channel in channels):
-                return f"contact is blocked: {name}"
-        return None
+            .order_by(col(Block.id))
+        ).first()
+        if block is None:
+            return None
+        until = f" until {block.until.date().isoformat()}" if block.until else ""
+        return f"contact is blocked: {block.reason}{until}"
+
+    def _block(self, s: Session, outcome: Outcome, now: datetime) -> None:
+        """The blocks the policy starts after this outcome, one per channel (or one for all of them)."""
+        for rule in self.policy.blocking(outcome.name):
+            until = now + rule.length if rule.length else None
+            channels: tuple[str | None, ...] = (None,) if rule.channels == "all" else rule.channels
+            for channel in channels:
+                s.add(
+                    Block(
+                        contact_id=outcome.contact_id or 0,
+                        channel=channel,
+                        reason=outcome.name,
+                        outcome_id=outcome.id,
+                        starts_at=now,
+                        until=until,
+                    )
+                )
 
     def end(
         self,
@@ -486,6 +514,8 @@ class Engine:
             occurred_at=now,
         )
         s.add(outcome)
+        s.flush()
+        self._block(s, outcome, now)
         if touch is not None:
             task = s.exec(select(CallTask).where(CallTask.touch_id == touch.id)).first()
             if task is not None:

@@ -148,6 +148,9 @@ class Touch(SQLModel, table=True):
     sending_at: datetime | None = _when(default=None)
     finished_at: datetime | None = _when(default=None)
     attempts: int = 0
+    cleared_at: datetime | None = _when(
+        default=None, description="when send-time checks let it go: caps count it"
+    )
     receipt: dict[str, Any] = _json()
 
     @property
@@ -183,9 +186,23 @@ class CallTask(SQLModel, table=True):
     phone: str | None = None
     reason: str
     script: str
+    priority: float = Field(default=0, index=True, description="the policy's call_priority when created")
     status: str = Field(default="open", max_length=16)
     outcome: str | None = None
     created_at: datetime = _when()
+
+
+class Block(SQLModel, table=True):
+    """A contact left alone on a channel (or all of them) until a time, or until lifted."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    contact_id: int = Field(foreign_key="contact.id", index=True)
+    channel: str | None = Field(default=None, max_length=16, description="None blocks every channel")
+    reason: str
+    outcome_id: int | None = Field(default=None, foreign_key="outcome.id")
+    starts_at: datetime = _when()
+    until: datetime | None = _when(default=None)
+    lifted_at: datetime | None = _when(default=None)
 
 
 class InboundEvent(SQLModel, table=True):

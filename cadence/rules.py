@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
 
-from cadence import sandbox
+from cadence import sandbox, timing
 from cadence.errors import Problem, RulesError
 from cadence.language import CadenceSpec, Parsed, parse
+from cadence.policy import POLICY_FILE, Policy
+from cadence.policy import parse as parse_policy
 from channels import PARTS
 
 
 @dataclass(frozen=True)
 class RuleSet:
     cadences: dict[str, Parsed]
+    policy: Policy = field(default_factory=Policy)
 
     def get(self, name: str) -> CadenceSpec:
         return self.cadences[name].spec
@@ -26,6 +29,7 @@ class RuleSet:
 
 
 def rule_files(paths: Iterable[Path]) -> list[Path]:
+    """Every YAML file named, or inside a folder named; the policy file among them is not a cadence."""
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
@@ -65,11 +69,34 @@ def _check_templates(parsed: Parsed, templates_dir: Path, env: jinja2.Environmen
     return problems
 
 
+def _check_quiet_hours(parsed: Parsed, policy: Policy) -> list[Problem]:
+    problems = []
+    for i, step in enumerate(parsed.spec.steps):
+        hours = policy.quiet_hours.get(step.channel)
+        if hours is None:
+            continue
+        try:
+            timing.narrowed(parsed.spec.calendar, hours)
+        except ValueError as exc:
+            line, column = parsed.where(("steps", i, "channel"))
+            problems.append(
+                Problem(
+                    parsed.file,
+                    line,
+                    column,
+                    f"steps.{i}: the policy's {step.channel} {exc}",
+                    "widen the cadence's window or the policy's quiet_hours",
+                )
+            )
+    return problems
+
+
 def load(paths: Iterable[Path], templates_dir: Path) -> RuleSet:
     """Parse and cross-check every file; raises RulesError with every problem, so nothing half-loads."""
     problems: list[Problem] = []
     parsed: dict[str, Parsed] = {}
     env = sandbox.template_environment(templates_dir)
+    policy = Policy()
     for path in rule_files(paths):
         file = _display(path)
         try:
@@ -78,6 +105,9 @@ def load(paths: Iterable[Path], templates_dir: Path) -> RuleSet:
             problems.append(Problem(file, 1, 1, f"cannot read: {exc}"))
             continue
         try:
+            if path.name == POLICY_FILE:
+                policy = parse_policy(text, file)
+                continue
             one = parse(text, file)
         except RulesError as exc:
             problems.extend(exc.problems)
@@ -91,6 +121,8 @@ def load(paths: Iterable[Path], templates_dir: Path) -> RuleSet:
             continue
         parsed[name] = one
         problems.extend(_check_templates(one, templates_dir, env))
+    for one in parsed.values():
+        problems.extend(_check_quiet_hours(one, policy))
     for one in parsed.values():
         for outcome, target in one.spec.then.targets().items():
             if target not in parsed:
@@ -106,4 +138,4 @@ def load(paths: Iterable[Path], templates_dir: Path) -> RuleSet:
                 )
     if problems:
         raise RulesError(problems)
-    return RuleSet(parsed)
+    return RuleSet(parsed, policy)

@@ -81,6 +81,17 @@ def calendar_for(contact_country: str | None, calendar: Calendar) -> Calendar:
     return calendar
 
 
+def narrowed(calendar: Calendar, hours: tuple[time, time]) -> Calendar:
+    """The calendar with its window cut down to `hours` (a channel's quiet hours leave the rest)."""
+    opens, closes = calendar.window or (_DAY_START, _DAY_END)
+    window = (max(opens, hours[0]), min(closes, hours[1]))
+    if window[0] >= window[1]:
+        raise ValueError(
+            f"hours {hours[0]:%H:%M}-{hours[1]:%H:%M} leave no time in window {opens:%H:%M}-{closes:%H:%M}"
+        )
+    return calendar.model_copy(update={"window": window})
+
+
 def placement(
     calendar: Calendar, timezone: str | None, country: str | None, default_timezone: str
 ) -> tuple[ZoneInfo, Calendar]:

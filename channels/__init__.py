@@ -47,6 +47,8 @@ class Message:
     local_date: date
     parts: Mapping[str, str]
     sender: Mapping[str, str]
+    #: Where the touch stands in a person's work list (the policy's call_priority for calls).
+    priority: float = 0.0
 
 
 @dataclass(frozen=True)

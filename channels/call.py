@@ -40,6 +40,7 @@ class CallTasks(Channel):
                     phone=message.contact["phone"],
                     reason=message.reason,
                     script=message.parts["script"],
+                    priority=message.priority,
                     created_at=self.clock(),
                 )
                 s.add(task)

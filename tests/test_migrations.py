@@ -22,6 +22,7 @@ from cadence.models import CadenceVersion, Contact, Enrollment, EnrollmentStatus
 
 NOW = datetime(2026, 11, 23, 6, 0, tzinfo=UTC)
 TABLES = {
+    "block",
     "cadence_version",
     "call_task",
     "contact",

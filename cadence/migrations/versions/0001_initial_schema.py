@@ -1,8 +1,8 @@
-"""Initial schema: contacts, deals, cadence versions, enrollments, touches, outcomes, call tasks, events.
+"""Initial schema: contacts, deals, cadence versions, enrollments, touches, outcomes, call tasks, blocks.
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-22 15:35:06.075593
+Create Date: 2026-11-22 16:01:00.933883
 """
 
 from collections.abc import Sequence
@@ -148,6 +148,7 @@ def upgrade() -> None:
         sa.Column("sending_at", cadence.models.UTCDateTime(), nullable=True),
         sa.Column("finished_at", cadence.models.UTCDateTime(), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("cleared_at", cadence.models.UTCDateTime(), nullable=True),
         sa.Column("receipt", sa.JSON(), nullable=False),
         sa.ForeignKeyConstraint(
             ["enrollment_id"],
@@ -173,6 +174,7 @@ def upgrade() -> None:
         sa.Column("phone", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
         sa.Column("reason", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("script", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("priority", sa.Float(), nullable=False),
         sa.Column("status", sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
         sa.Column("outcome", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
         sa.Column("created_at", cadence.models.UTCDateTime(), nullable=False),
@@ -194,6 +196,7 @@ def upgrade() -> None:
     with op.batch_alter_table("call_task", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_call_task_due_date"), ["due_date"], unique=False)
         batch_op.create_index(batch_op.f("ix_call_task_owner"), ["owner"], unique=False)
+        batch_op.create_index(batch_op.f("ix_call_task_priority"), ["priority"], unique=False)
 
     op.create_table(
         "outcome",
@@ -229,8 +232,35 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_outcome_name"), ["name"], unique=False)
         batch_op.create_index(batch_op.f("ix_outcome_touch_id"), ["touch_id"], unique=False)
 
+    op.create_table(
+        "block",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("contact_id", sa.Integer(), nullable=False),
+        sa.Column("channel", sqlmodel.sql.sqltypes.AutoString(length=16), nullable=True),
+        sa.Column("reason", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("outcome_id", sa.Integer(), nullable=True),
+        sa.Column("starts_at", cadence.models.UTCDateTime(), nullable=False),
+        sa.Column("until", cadence.models.UTCDateTime(), nullable=True),
+        sa.Column("lifted_at", cadence.models.UTCDateTime(), nullable=True),
+        sa.ForeignKeyConstraint(
+            ["contact_id"],
+            ["contact.id"],
+        ),
+        sa.ForeignKeyConstraint(
+            ["outcome_id"],
+            ["outcome.id"],
+        ),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    with op.batch_alter_table("block", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_block_contact_id"), ["contact_id"], unique=False)
+
 
 def downgrade() -> None:
+    with op.batch_alter_table("block", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_block_contact_id"))
+
+    op.drop_table("block")
     with op.batch_alter_table("outcome", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_outcome_touch_id"))
         batch_op.drop_index(batch_op.f("ix_outcome_name"))
@@ -238,6 +268,7 @@ def downgrade() -> None:
 
     op.drop_table("outcome")
     with op.batch_alter_table("call_task", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_call_task_priority"))
         batch_op.drop_index(batch_op.f("ix_call_task_owner"))
         batch_op.drop_index(batch_op.f("ix_call_task_due_date"))
 
