@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import holidays
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from cadence import sandbox, yamlpos
 from cadence.errors import Problem, RulesError
@@ -95,8 +95,10 @@ def _one_or_many(value: Any) -> Any:
 
 
 def _parse_window(value: Any) -> Any:
-    if not isinstance(value, str):
+    if isinstance(value, tuple):  # already parsed: a model built in code, or a copy of one
         return value
+    if not isinstance(value, str):
+        raise ValueError('a window is written "HH:MM-HH:MM", e.g. "09:00-18:00"')
     match = _WINDOW.match(value)
     if not match:
         raise ValueError('a window is "HH:MM-HH:MM", e.g. "09:00-18:00"')
@@ -114,7 +116,12 @@ CadenceName = Annotated[str, AfterValidator(_cadence_name)]
 Reason = Annotated[str, AfterValidator(_reason)]
 TimeZone = Annotated[str, AfterValidator(_timezone)]
 Country = Annotated[str, AfterValidator(_country)]
-Window = Annotated[tuple[time, time], BeforeValidator(_parse_window)]
+Window = Annotated[
+    tuple[time, time],
+    BeforeValidator(_parse_window),
+    # Editors check what is written, "09:00-18:00", not the pair of times it becomes.
+    WithJsonSchema({"type": "string", "pattern": _WINDOW.pattern}, mode="validation"),
+]
 
 
 class _Model(BaseModel):
@@ -122,46 +129,105 @@ class _Model(BaseModel):
 
 
 class Enroll(_Model):
-    on: Annotated[tuple[EventType, ...], BeforeValidator(_one_or_many), Field(min_length=1)]
-    when: Expression | None = None
+    on: Annotated[
+        tuple[EventType, ...],
+        BeforeValidator(_one_or_many),
+        Field(
+            min_length=1,
+            description="The CRM event that enrolls a contact, or a list of them, e.g. deal.stage_changed.",
+        ),
+    ]
+    when: Expression | None = Field(
+        default=None,
+        description='Enroll only when this holds for contact and deal, e.g. deal.stage == "proposal_sent".',
+    )
 
 
 class Exit(_Model):
-    on_outcome: Annotated[tuple[OutcomeName, ...], BeforeValidator(_one_or_many)] = ()
-    when: Expression | None = None
+    on_outcome: Annotated[tuple[OutcomeName, ...], BeforeValidator(_one_or_many)] = Field(
+        default=(),
+        description="The outcome that ends the cadence, or a list of them, e.g. [replied, meeting_booked].",
+    )
+    when: Expression | None = Field(
+        default=None,
+        description='End the cadence when this holds, checked before each touch, e.g. deal.status != "open".',
+    )
 
 
 class Then(_Model):
-    won: CadenceName | None = None
-    lost: CadenceName | None = None
+    won: CadenceName | None = Field(
+        default=None, description="The cadence a contact moves into when the deal is won, e.g. onboarding."
+    )
+    lost: CadenceName | None = Field(
+        default=None, description="The cadence a contact moves into when the deal is lost, e.g. a nurture."
+    )
 
     def targets(self) -> dict[str, str]:
         return {k: v for k, v in (("won", self.won), ("lost", self.lost)) if v}
 
 
 class Calendar(_Model):
-    business_days: bool = False
-    window: Window | None = None
-    timezone: TimeZone | None = None
-    country: Country | None = None
+    business_days: bool = Field(
+        default=False,
+        description="true: `day` counts working days, skipping weekends and public holidays.",
+    )
+    window: Window | None = Field(
+        default=None,
+        description='Hours touches go out, in the contact\'s own time zone, e.g. "09:00-18:00"; '
+        "without it, any hour.",
+    )
+    timezone: TimeZone | None = Field(
+        default=None, description="IANA time zone for contacts without one, e.g. Europe/Moscow."
+    )
+    country: Country | None = Field(
+        default=None,
+        description="Country code for public holidays, e.g. RU, US, DE; a contact's own country comes first.",
+    )
 
 
 class Step(_Model):
-    day: Annotated[int, Field(ge=0, le=3650)]
-    channel: ChannelName
-    template: Annotated[str, AfterValidator(_template)]
-    reason: Reason
-    when: Expression | None = None
+    day: Annotated[
+        int,
+        Field(
+            strict=True,
+            ge=0,
+            le=3650,
+            description="Days after enrollment the touch is due, 0 for the first; steps go in order of day.",
+        ),
+    ]
+    channel: ChannelName = Field(
+        description="How the touch reaches the contact: email, sms, call (a task for a person) or letter."
+    )
+    template: Annotated[str, AfterValidator(_template)] = Field(
+        description="What is sent: <channel>/<name>, from templates/, e.g. email/deal-01-proposal-recap."
+    )
+    reason: Reason = Field(description="What is new for the contact in this touch: every touch needs one.")
+    when: Expression | None = Field(
+        default=None,
+        description='Send only when this holds, else skip the touch, e.g. contact.seniority == "executive".',
+    )
 
 
 class CadenceSpec(_Model):
-    cadence: CadenceName
-    description: str = ""
-    enroll: Enroll | None = None
-    exit: Exit = Exit()
-    then: Then = Then()
-    calendar: Calendar = Calendar()
-    steps: Annotated[tuple[Step, ...], Field(min_length=1)]
+    cadence: CadenceName = Field(
+        description="The cadence's name: lowercase letters, digits and dashes, e.g. open-deal."
+    )
+    description: str = Field(default="", description="What the cadence is for, for the people who read it.")
+    enroll: Enroll | None = Field(
+        default=None,
+        description="Which CRM events enroll a contact; without it, contacts come from another cadence's "
+        "`then`, or by hand.",
+    )
+    exit: Exit = Field(
+        default=Exit(), description="What ends the cadence for a contact before its last step."
+    )
+    then: Then = Field(
+        default=Then(), description="The cadence a contact moves into when the deal is decided."
+    )
+    calendar: Calendar = Field(
+        default=Calendar(), description="When touches may go out: working days, hours, time zone, holidays."
+    )
+    steps: Annotated[tuple[Step, ...], Field(min_length=1, description="The touches, in order of day.")]
 
 
 @dataclass(frozen=True)

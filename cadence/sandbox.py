@@ -68,6 +68,8 @@ def compile_expression(source: str) -> Any:
         return _expressions.compile_expression(source, undefined_to_none=False)
     except jinja2.TemplateSyntaxError as exc:
         raise ExpressionError(exc.message or str(exc)) from exc
+    except RecursionError as exc:
+        raise ExpressionError("the expression is nested too deeply") from exc
 
 
 def _present(value: Any) -> Any:

@@ -106,5 +106,9 @@ def due_at(start: datetime, day: int, calendar: Calendar, zone: ZoneInfo) -> dat
     """
     first_day, at = first_slot(start, calendar, zone)
     target = add_days(first_day, day, calendar)
-    # A wall time inside a DST gap resolves forward (fold=0), which is what a sender expects.
-    return datetime.combine(target, at, tzinfo=zone).astimezone(UTC)
+    # A wall time inside a DST gap resolves forward (fold=0), which is what a sender expects. On the day
+    # clocks fall back a wall time happens twice: take the second when the first is before the start.
+    due = datetime.combine(target, at, tzinfo=zone).astimezone(UTC)
+    if due < start:
+        due = datetime.combine(target, at, tzinfo=zone).replace(fold=1).astimezone(UTC)
+    return due
