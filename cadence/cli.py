@@ -17,6 +17,7 @@ from rich.table import Table
 from cadence import __version__, logs
 from cadence import rules as ruleset
 from cadence.errors import RulesError
+from cadence.schema import SCHEMA_FILE, render
 from cadence.settings import Settings
 from cadence.simulate import simulate as simulate_timeline
 
@@ -231,6 +232,22 @@ def simulate(
             reason,
         )
     Console().print(table)
+
+
+@app.command()
+def schema(
+    write: Annotated[bool, typer.Option("--write", help="Write it to --output, not to stdout.")] = False,
+    output: Annotated[
+        Path, typer.Option(help="Where --write puts it: the repo root, where rule files look.")
+    ] = Path(SCHEMA_FILE),
+) -> None:
+    """Print the JSON Schema of cadence files, which editors use to complete and check them as you type."""
+    text = render()
+    if not write:
+        print(text, end="")
+        return
+    output.write_text(text, encoding="utf-8")
+    _err.print(f"wrote {output}", markup=False, highlight=False)
 
 
 def main() -> None:

@@ -169,6 +169,7 @@ class Then(_Model):
 class Calendar(_Model):
     business_days: bool = Field(
         default=False,
+        strict=True,
         description="true: `day` counts working days, skipping weekends and public holidays.",
     )
     window: Window | None = Field(

@@ -64,7 +64,7 @@ def broken(tmp_path: Path) -> Path:
 def test_help_lists_the_commands(runner: CliRunner) -> None:
     result = invoke(runner, "--help")
     assert result.exit_code == 0
-    for command in ("serve", "worker", "scheduler", "migrate", "lint", "simulate"):
+    for command in ("serve", "worker", "scheduler", "migrate", "lint", "simulate", "schema"):
         assert command in result.output
 
 
