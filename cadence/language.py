@@ -38,6 +38,7 @@ OutcomeName = Literal[
     "won",
     "lost",
 ]
+Kind = Literal["decision", "nurture", "onboarding", "follow-up", "growth", "letters"]
 ChannelName = Literal["email", "sms", "call", "letter"]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
@@ -214,6 +215,12 @@ class CadenceSpec(_Model):
         description="The cadence's name: lowercase letters, digits and dashes, e.g. open-deal."
     )
     description: str = Field(default="", description="What the cadence is for, for the people who read it.")
+    kind: Kind | None = Field(
+        default=None,
+        description="What the cadence is for, so lint can hold it to its rule: `decision` (a decision "
+        "window: seven touches in 30 days), `nurture` (no gap over a month), `onboarding`, `follow-up`, "
+        "`growth`, `letters`.",
+    )
     enroll: Enroll | None = Field(
         default=None,
         description="Which CRM events enroll a contact; without it, contacts come from another cadence's "
