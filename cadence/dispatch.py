@@ -146,13 +146,14 @@ class Dispatcher:
             return self._close(touch, TouchStatus.cancelled, why), None
         spec = self.engine.spec_of(s, enrollment)
         contact = context["contact"]
-        zone, calendar = self.engine.placement(spec, contact["timezone"], contact["country"], touch.channel)
+        step = spec.steps[touch.step_index]
+        zone, calendar = self.engine.placement(spec, step, contact["timezone"], contact["country"])
         slot = timing.due_at(now, 0, calendar, zone)
         if slot > now:
             # Late (a backlog, an outage, a retry) and now outside the window or on a day off: wait for it.
             return self._defer(touch, slot, "deferred to the next send window"), None
         blocked = self.engine.blocked(s, enrollment.contact_id, touch.channel, now)
-        skipped = sandbox.skip_reason(spec.steps[touch.step_index].when, context) or blocked
+        skipped = sandbox.skip_reason(step.when, step.skip_when, context) or blocked
         if skipped:
             return self.finish(s, touch, TouchStatus.skipped, skipped), None
         channel = self.channels[touch.channel]

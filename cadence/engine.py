@@ -19,7 +19,7 @@ from sqlmodel import Session, SQLModel, col, select
 
 from cadence import sandbox, timing
 from cadence.events import ContactData, DealData, Event
-from cadence.language import CadenceSpec, Calendar, parse
+from cadence.language import CadenceSpec, Calendar, Step, parse
 from cadence.models import (
     Block,
     CadenceVersion,
@@ -318,12 +318,11 @@ class Engine:
         return touch
 
     def placement(
-        self, spec: CadenceSpec, timezone: str | None, country: str | None, channel: str | None = None
+        self, spec: CadenceSpec, step: Step, timezone: str | None, country: str | None
     ) -> tuple[ZoneInfo, Calendar]:
-        """Zone and calendar for a contact; for a channel with quiet hours, a window narrowed to them."""
+        """Zone and calendar of one step for a contact: the step's window, within its channel's hours."""
         zone, calendar = timing.placement(spec.calendar, timezone, country, self.default_timezone)
-        hours = self.policy.quiet_hours.get(channel) if channel else None  # type: ignore[call-overload]
-        return zone, timing.narrowed(calendar, hours) if hours else calendar
+        return zone, timing.for_step(calendar, step.window, self.policy.quiet_hours.get(step.channel))
 
     def due(
         self,
@@ -335,12 +334,12 @@ class Engine:
     ) -> datetime:
         """When the step is due; if planned at `now` behind schedule (an outage), its spacing from now."""
         step = spec.steps[step_index]
-        zone, calendar = self.placement(spec, contact.timezone, contact.country, step.channel)
-        due = timing.due_at(started_at, step.day, calendar, zone)
+        zone, calendar = self.placement(spec, step, contact.timezone, contact.country)
+        due = timing.due_at(started_at, step.day, calendar, zone, step.at)
         if now is None or step_index == 0 or due >= now:
             return due
         gap = step.day - spec.steps[step_index - 1].day
-        return timing.due_at(now, gap, calendar, zone)
+        return timing.due_at(now, gap, calendar, zone, step.at)
 
     def blocked(self, s: Session, contact_id: int, channel: str | None, now: datetime) -> str | None:
         """Why the contact may not be touched on `channel` now (None: on any channel at all), or None."""

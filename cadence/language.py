@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from datetime import time
+from datetime import date, time
 from functools import cached_property
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -43,6 +43,7 @@ ChannelName = Literal["email", "sms", "call", "letter"]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _TEMPLATE = re.compile(r"^(email|sms|call|letter)(/[A-Za-z0-9_][A-Za-z0-9_.-]*)+$")
+_CLOCK = re.compile(r"^\d{1,2}:\d{2}$")
 _WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 
 
@@ -117,6 +118,24 @@ CadenceName = Annotated[str, AfterValidator(_cadence_name)]
 Reason = Annotated[str, AfterValidator(_reason)]
 TimeZone = Annotated[str, AfterValidator(_timezone)]
 Country = Annotated[str, AfterValidator(_country)]
+
+
+def _parse_clock(value: Any) -> Any:
+    if isinstance(value, time):
+        return value
+    if not isinstance(value, str) or not _CLOCK.match(value):
+        raise ValueError('a time is written "HH:MM", e.g. "10:30"')
+    hours, minutes = (int(part) for part in value.split(":"))
+    if hours > 23 or minutes > 59:
+        raise ValueError(f"{value!r} is not a time of day")
+    return time(hours, minutes)
+
+
+ClockTime = Annotated[
+    time,
+    BeforeValidator(_parse_clock),
+    WithJsonSchema({"type": "string", "pattern": r"^\d{1,2}:\d{2}$"}),
+]
 Window = Annotated[
     tuple[time, time],
     BeforeValidator(_parse_window),
@@ -185,6 +204,10 @@ class Calendar(_Model):
         default=None,
         description="Country code for public holidays, e.g. RU, US, DE; a contact's own country comes first.",
     )
+    closed: tuple[date, ...] = Field(
+        default=(),
+        description="The cadence's own closed dates (YYYY-MM-DD): no touch goes out on them.",
+    )
 
 
 class Step(_Model):
@@ -207,6 +230,19 @@ class Step(_Model):
     when: Expression | None = Field(
         default=None,
         description='Send only when this holds, else skip the touch, e.g. contact.seniority == "executive".',
+    )
+    skip_when: Expression | None = Field(
+        default=None,
+        description='Skip the touch when this holds, e.g. deal.stage == "negotiation"; the skip is recorded.',
+    )
+    at: ClockTime | None = Field(
+        default=None,
+        description='A fixed local time for this touch, "HH:MM", inside its window; without it, the time of '
+        "day the enrollment started.",
+    )
+    window: Window | None = Field(
+        default=None,
+        description='Hours for this step alone, e.g. "10:00-12:00"; without it, the calendar\'s.',
     )
 
 
@@ -268,6 +304,18 @@ def parse(text: str, file: str) -> Parsed:
                 Problem(file, line, column, f"steps.{i}.day goes back in time", "steps run in order of `day`")
             )
         previous_day = step.day
+        opens, closes = step.window or spec.calendar.window or (time.min, time.max)
+        if step.at is not None and not opens <= step.at <= closes:
+            line, column = located.where(("steps", i, "at"))
+            problems.append(
+                Problem(
+                    file,
+                    line,
+                    column,
+                    f"steps.{i}.at {step.at:%H:%M} is outside its window {opens:%H:%M}-{closes:%H:%M}",
+                    "move `at` inside the window, or widen the window",
+                )
+            )
         if not step.template.startswith(f"{step.channel}/"):
             line, column = located.where(("steps", i, "template"))
             problems.append(

@@ -76,7 +76,7 @@ def _check_quiet_hours(parsed: Parsed, policy: Policy) -> list[Problem]:
         if hours is None:
             continue
         try:
-            timing.narrowed(parsed.spec.calendar, hours)
+            timing.for_step(parsed.spec.calendar, step.window, hours)
         except ValueError as exc:
             line, column = parsed.where(("steps", i, "channel"))
             problems.append(

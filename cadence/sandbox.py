@@ -99,14 +99,16 @@ def truthy(source: str, context: Mapping[str, Any]) -> bool:
     return bool(evaluate(source, context))
 
 
-def skip_reason(when: str | None, context: Mapping[str, Any]) -> str | None:
-    """Why a step with condition `when` is skipped for this context, or None when it goes ahead."""
-    if not when:
-        return None
+def skip_reason(when: str | None, skip_when: str | None, context: Mapping[str, Any]) -> str | None:
+    """Why a step with conditions `when` and `skip_when` is skipped for this context, or None if it goes."""
     try:
-        return None if truthy(when, context) else f"condition not met: {when}"
+        if when and not truthy(when, context):
+            return f"condition not met: {when}"
+        if skip_when and truthy(skip_when, context):
+            return f"skip_when holds: {skip_when}"
     except ExpressionError as exc:
         return f"condition failed: {exc}"
+    return None
 
 
 def template_environment(templates_dir: Path) -> jinja2.Environment:

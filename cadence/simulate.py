@@ -51,8 +51,8 @@ def simulate(
     context = {"contact": contact_view_from(contact), "deal": deal, "enrollment": {"cadence": spec.cadence}}
     rows = []
     for index, step in enumerate(spec.steps):
-        due = timing.due_at(start, step.day, calendar, zone)
-        skipped = sandbox.skip_reason(step.when, context)
+        due = timing.due_at(start, step.day, timing.for_step(calendar, step.window, None), zone, step.at)
+        skipped = sandbox.skip_reason(step.when, step.skip_when, context)
         sent, note = skipped is None, f"skipped: {skipped}" if skipped else ""
         rows.append(
             Row(

@@ -29,19 +29,25 @@ def is_business_day(day: date, country: str | None) -> bool:
     return day not in _days_off(country, day.year)
 
 
+def is_open(day: date, calendar: Calendar) -> bool:
+    """Whether touches may go out on `day`: not one of the cadence's closed dates, and a business day
+    when the calendar counts business days."""
+    if day in calendar.closed:
+        return False
+    return not calendar.business_days or is_business_day(day, calendar.country)
+
+
 def _next_open_day(day: date, calendar: Calendar) -> date:
     """The first day on or after `day` that the calendar allows."""
-    if not calendar.business_days:
-        return day
-    while not is_business_day(day, calendar.country):
+    while not is_open(day, calendar):
         day += timedelta(days=1)
     return day
 
 
 def add_days(start: date, days: int, calendar: Calendar) -> date:
-    """`days` calendar days, or business days; day 0 of a business calendar is the next open day."""
+    """`days` calendar days (a closed date moves to the next open one), or `days` business days."""
     if not calendar.business_days:
-        return start + timedelta(days=days)
+        return _next_open_day(start + timedelta(days=days), calendar)
     day = _next_open_day(start, calendar)
     for _ in range(days):
         day = _next_open_day(day + timedelta(days=1), calendar)
@@ -92,6 +98,15 @@ def narrowed(calendar: Calendar, hours: tuple[time, time]) -> Calendar:
     return calendar.model_copy(update={"window": window})
 
 
+def for_step(
+    calendar: Calendar, window: tuple[time, time] | None, hours: tuple[time, time] | None
+) -> Calendar:
+    """A step's calendar: its own window if it has one, cut down to its channel's quiet hours if any."""
+    if window is not None:
+        calendar = calendar.model_copy(update={"window": window})
+    return narrowed(calendar, hours) if hours is not None else calendar
+
+
 def placement(
     calendar: Calendar, timezone: str | None, country: str | None, default_timezone: str
 ) -> tuple[ZoneInfo, Calendar]:
@@ -99,16 +114,21 @@ def placement(
     return zone_for(timezone, calendar, default_timezone), calendar_for(country, calendar)
 
 
-def due_at(start: datetime, day: int, calendar: Calendar, zone: ZoneInfo) -> datetime:
-    """UTC time a step is due: `day` days after the enrollment's first slot, at that slot's local time.
+def due_at(start: datetime, day: int, calendar: Calendar, zone: ZoneInfo, at: time | None = None) -> datetime:
+    """UTC time a step is due: `day` days after the enrollment's first slot, at `at` local time, or else at
+    that slot's time of day.
 
     Keeping the start's time of day spreads enrollments over the window instead of firing all at its opening.
     """
-    first_day, at = first_slot(start, calendar, zone)
+    first_day, slot_time = first_slot(start, calendar, zone)
     target = add_days(first_day, day, calendar)
+    wall = at or slot_time
     # A wall time inside a DST gap resolves forward (fold=0), which is what a sender expects. On the day
     # clocks fall back a wall time happens twice: take the second when the first is before the start.
-    due = datetime.combine(target, at, tzinfo=zone).astimezone(UTC)
+    due = datetime.combine(target, wall, tzinfo=zone).astimezone(UTC)
     if due < start:
-        due = datetime.combine(target, at, tzinfo=zone).replace(fold=1).astimezone(UTC)
+        due = datetime.combine(target, wall, tzinfo=zone).replace(fold=1).astimezone(UTC)
+    if due < start:  # a fixed `at` already past on the first day: the next open day at that time
+        target = _next_open_day(target + timedelta(days=1), calendar)
+        due = datetime.combine(target, wall, tzinfo=zone).astimezone(UTC)
     return due
