@@ -258,17 +258,7 @@ class Engine:
         subject = f"deal:{deal.id}" if deal is not None else f"contact:{contact.id}"
         if self.blocked(s, contact.id or 0, None, now) is not None:
             return None
-        # Active: never twice at once. Ended by an outcome (a reply, an unsubscribe, "not interested"):
-        # the person answered this cadence, so the same trigger must not start it over.
-        barred = s.exec(
-            select(Enrollment.id).where(
-                Enrollment.cadence_name == name,
-                Enrollment.subject == subject,
-                (col(Enrollment.status) == EnrollmentStatus.active)
-                | col(Enrollment.end_outcome).is_not(None),
-            )
-        ).first()
-        if barred is not None:
+        if self._barred(s, name, subject, now):
             return None
         version = self._current_version(s, name, now)
         enrollment = Enrollment(
@@ -289,6 +279,23 @@ class Engine:
             return None
         self.plan(s, enrollment, 0, now)
         return enrollment
+
+    def _barred(self, s: Session, name: str, subject: str, now: datetime) -> bool:
+        """Whether the subject may not enter cadence `name` now: it is in it, or its re-enrollment rule
+        says not yet. Without a rule, a time that ended with an outcome (a reply, "not interested") bars it:
+        the person answered this cadence, so the same trigger must not start it over."""
+        enroll = self._rules().get(name).enroll
+        rule = enroll.reenroll if enroll else None
+        earlier = select(Enrollment.id).where(Enrollment.cadence_name == name, Enrollment.subject == subject)
+        if rule == "never":
+            return s.exec(earlier).first() is not None
+        barring = col(Enrollment.status) == EnrollmentStatus.active
+        cool_off = enroll.cool_off if enroll else None
+        if cool_off is not None:
+            barring = barring | (col(Enrollment.ended_at) > now - cool_off)
+        elif rule is None:
+            barring = barring | col(Enrollment.end_outcome).is_not(None)
+        return s.exec(earlier.where(barring)).first() is not None
 
     def plan(self, s: Session, enrollment: Enrollment, step_index: int, now: datetime) -> Touch | None:
         """Plan step `step_index`, or complete the enrollment when there is none."""
@@ -430,9 +437,10 @@ class Engine:
         target: str | None,
         now: datetime,
         effects: Effects | None = None,
+        outcome: str | None = None,
     ) -> None:
-        """End the enrollment as exit_decision said, and start its `then` cadence if it names one."""
-        self.end(s, enrollment, EnrollmentStatus.exited, why, now)
+        """End the enrollment (for `why`, or the outcome that ended it) and start the `then` cadence."""
+        self.end(s, enrollment, EnrollmentStatus.exited, why, now, outcome=outcome)
         if effects is not None:
             effects.ended.append(enrollment.id or 0)
         if target is None:
@@ -526,12 +534,11 @@ class Engine:
             deal = s.get_one(Deal, enrollment.deal_id)
             deal.status = name
             deal.updated_at = now
-        elif (
-            enrollment.status == EnrollmentStatus.active
-            and name in self.spec_of(s, enrollment).exit.on_outcome
-        ):
-            self.end(s, enrollment, EnrollmentStatus.exited, f"outcome: {name}", now, outcome=name)
-            effects.ended.append(enrollment.id or 0)
+        elif enrollment.status == EnrollmentStatus.active:
+            spec = self.spec_of(s, enrollment)
+            target = spec.then.targets().get(name)
+            if target is not None or name in spec.exit.on_outcome:
+                self.leave(s, enrollment, f"outcome: {name}", target, now, effects, outcome=name)
         s.flush()
         self.review(s, contact, now, effects)
         return outcome, effects

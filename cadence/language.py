@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from datetime import date, time
+from datetime import date, time, timedelta
 from functools import cached_property
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -96,6 +96,33 @@ def _one_or_many(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+_DURATION = re.compile(r"^\s*(\d+)\s*(day|days|week|weeks|month|months|year|years)\s*$")
+_UNIT_DAYS = {"day": 1, "week": 7, "month": 30, "year": 365}
+
+
+def parse_duration(text: str) -> timedelta:
+    """`365 days`, `2 weeks`, `6 months` (30 days each), `1 year` (365 days)."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a duration such as '365 days', '2 weeks', '6 months'")
+    count, unit = int(match.group(1)), match.group(2).rstrip("s")
+    return timedelta(days=count * _UNIT_DAYS[unit])
+
+
+def _duration(text: str) -> str:
+    parse_duration(text)
+    return text
+
+
+Duration = Annotated[str, AfterValidator(_duration)]
+
+
+def _reenroll(value: str) -> str:
+    if value != "never" and not (value.startswith("after ") and parse_duration(value[6:])):
+        raise ValueError(f"{value!r}: write `never`, or `after` and a duration such as 'after 90 days'")
+    return value
+
+
 def _parse_window(value: Any) -> Any:
     if isinstance(value, tuple):  # already parsed: a model built in code, or a copy of one
         return value
@@ -136,6 +163,7 @@ ClockTime = Annotated[
     BeforeValidator(_parse_clock),
     WithJsonSchema({"type": "string", "pattern": r"^\d{1,2}:\d{2}$"}),
 ]
+Reenroll = Annotated[str, AfterValidator(_reenroll)]
 Window = Annotated[
     tuple[time, time],
     BeforeValidator(_parse_window),
@@ -161,6 +189,19 @@ class Enroll(_Model):
         default=None,
         description='Enroll only when this holds for contact and deal, e.g. deal.stage == "proposal_sent".',
     )
+    reenroll: Reenroll | None = Field(
+        default=None,
+        description="Whether a deal (or contact) may go through this cadence again: `never`, or `after 90 "
+        "days` (counted from when the last time ended); without it, again whenever triggered, unless the "
+        "last time ended with an outcome such as a reply.",
+    )
+
+    @property
+    def cool_off(self) -> timedelta | None:
+        """How long after the last enrollment ended a new one may start; None for `never` or unset."""
+        if self.reenroll is None or self.reenroll == "never":
+            return None
+        return parse_duration(self.reenroll.removeprefix("after").strip())
 
 
 class Exit(_Model):
@@ -181,9 +222,18 @@ class Then(_Model):
     lost: CadenceName | None = Field(
         default=None, description="The cadence a contact moves into when the deal is lost, e.g. a nurture."
     )
+    meeting_booked: CadenceName | None = Field(
+        default=None, description="The cadence after a meeting is booked, e.g. the post-meeting follow-up."
+    )
+    replied: CadenceName | None = Field(default=None, description="The cadence after a reply.")
+    not_interested: CadenceName | None = Field(
+        default=None,
+        description="The cadence after `not_interested`, e.g. warm letters, if the policy allows.",
+    )
 
     def targets(self) -> dict[str, str]:
-        return {k: v for k, v in (("won", self.won), ("lost", self.lost)) if v}
+        """Outcome -> the cadence it moves the contact into."""
+        return {name: target for name in type(self).model_fields if (target := getattr(self, name))}
 
 
 class Calendar(_Model):

@@ -5,38 +5,17 @@ It lives in `rules/policy.yaml`, beside the cadences, and is loaded with them, a
 
 from __future__ import annotations
 
-import re
 from datetime import time, timedelta
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from cadence.errors import Problem, RulesError
-from cadence.language import ChannelName, Expression, OutcomeName, Window
+from cadence.language import ChannelName, Duration, Expression, OutcomeName, Window, parse_duration
 from cadence.validation import validate
 
 #: The file name of the policy inside a rules folder.
 POLICY_FILE = "policy.yaml"
-
-_DURATION = re.compile(r"^\s*(\d+)\s*(day|days|week|weeks|month|months|year|years)\s*$")
-_UNIT_DAYS = {"day": 1, "week": 7, "month": 30, "year": 365}
-
-
-def parse_duration(text: str) -> timedelta:
-    """`365 days`, `2 weeks`, `6 months` (30 days each), `1 year` (365 days)."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(f"{text!r} is not a duration such as '365 days', '2 weeks', '6 months'")
-    count, unit = int(match.group(1)), match.group(2).rstrip("s")
-    return timedelta(days=count * _UNIT_DAYS[unit])
-
-
-def _duration(text: str) -> str:
-    parse_duration(text)
-    return text
-
-
-Duration = Annotated[str, AfterValidator(_duration)]
 
 
 class _Model(BaseModel):
