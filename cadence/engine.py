@@ -297,6 +297,41 @@ class Engine:
             barring = barring | col(Enrollment.end_outcome).is_not(None)
         return s.exec(earlier.where(barring)).first() is not None
 
+    def _retry(
+        self, s: Session, spec: CadenceSpec, enrollment: Enrollment, touch: Touch, outcome: str, now: datetime
+    ) -> Touch | None:
+        """The step's next try after `outcome`, if its on_outcome asks for one and tries are left."""
+        step = spec.steps[touch.step_index]
+        retry = step.on_outcome.get(outcome)  # type: ignore[call-overload]
+        if retry is None or touch.iteration >= retry.max:
+            return None
+        days, business = retry.gap
+        contact = s.get_one(Contact, enrollment.contact_id)
+        zone, calendar = self.placement(spec, step, contact.timezone, contact.country)
+        counting = calendar.model_copy(update={"business_days": business})
+        again = Touch(
+            enrollment_id=enrollment.id or 0,
+            step_index=touch.step_index,
+            iteration=touch.iteration + 1,
+            channel=touch.channel,
+            template=touch.template,
+            reason=touch.reason,
+            due_at=timing.due_at(now, days, counting, zone, step.at),
+            status_reason=f"try {touch.iteration + 2} after {outcome}",
+        )
+        # A repeated outcome for the same touch finds its try already planned (the touch key is unique).
+        return _get_or_insert(
+            s,
+            lambda: s.exec(
+                select(Touch).where(
+                    Touch.enrollment_id == enrollment.id,
+                    Touch.step_index == touch.step_index,
+                    Touch.iteration == again.iteration,
+                )
+            ).first(),
+            lambda: again,
+        )
+
     def plan(self, s: Session, enrollment: Enrollment, step_index: int, now: datetime) -> Touch | None:
         """Plan step `step_index`, or complete the enrollment when there is none."""
         spec = self.spec_of(s, enrollment)
@@ -539,6 +574,8 @@ class Engine:
             target = spec.then.targets().get(name)
             if target is not None or name in spec.exit.on_outcome:
                 self.leave(s, enrollment, f"outcome: {name}", target, now, effects, outcome=name)
+            elif touch is not None:
+                self._retry(s, spec, enrollment, touch, name, now)
         s.flush()
         self.review(s, contact, now, effects)
         return outcome, effects

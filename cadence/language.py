@@ -117,6 +117,23 @@ def _duration(text: str) -> str:
 Duration = Annotated[str, AfterValidator(_duration)]
 
 
+_GAP = re.compile(r"^\s*(\d+)\s*(business\s+)?(day|days|week|weeks)\s*$")
+
+
+def parse_gap(text: str) -> tuple[int, bool]:
+    """`1 business day`, `2 days`, `1 week` -> (days, business days or not)."""
+    match = _GAP.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a gap such as '1 business day', '2 days' or '1 week'")
+    count = int(match.group(1)) * (7 if match.group(3).startswith("week") else 1)
+    return count, bool(match.group(2))
+
+
+def _gap(text: str) -> str:
+    parse_gap(text)
+    return text
+
+
 def _reenroll(value: str) -> str:
     if value != "never" and not (value.startswith("after ") and parse_duration(value[6:])):
         raise ValueError(f"{value!r}: write `never`, or `after` and a duration such as 'after 90 days'")
@@ -164,6 +181,7 @@ ClockTime = Annotated[
     WithJsonSchema({"type": "string", "pattern": r"^\d{1,2}:\d{2}$"}),
 ]
 Reenroll = Annotated[str, AfterValidator(_reenroll)]
+Gap = Annotated[str, AfterValidator(_gap)]
 Window = Annotated[
     tuple[time, time],
     BeforeValidator(_parse_window),
@@ -260,6 +278,16 @@ class Calendar(_Model):
     )
 
 
+class Retry(_Model):
+    retry_after: Gap = Field(description="When to try again: e.g. '1 business day', '2 days', '1 week'.")
+    max: int = Field(ge=1, le=10, description="Tries after the first, at most.")
+
+    @property
+    def gap(self) -> tuple[int, bool]:
+        """(days, whether they are business days)."""
+        return parse_gap(self.retry_after)
+
+
 class Step(_Model):
     day: Annotated[
         int,
@@ -293,6 +321,11 @@ class Step(_Model):
     window: Window | None = Field(
         default=None,
         description='Hours for this step alone, e.g. "10:00-12:00"; without it, the calendar\'s.',
+    )
+    on_outcome: dict[OutcomeName, Retry] = Field(
+        default_factory=dict,
+        description="What an outcome of this touch does to it, e.g. no_answer: {retry_after: 1 business day, "
+        "max: 2}.",
     )
 
 

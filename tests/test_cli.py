@@ -101,7 +101,9 @@ def test_lint_json_on_the_shipped_rules(runner: CliRunner) -> None:
     result = invoke(runner, "lint", RULES, "--templates", TEMPLATES, "--format", "json")
     assert result.exit_code == 0
     report = json.loads(result.stdout)
-    cadences = ["lost-prospect-nurture", "onboarding", "open-deal"]
+    # Every rules file but the policy is a cadence named after its file.
+    cadences = sorted(p.stem for p in Path(RULES).glob("*.yaml") if p.name != "policy.yaml")
+    assert len(cadences) >= 3
     assert report == {"ok": True, "cadences": cadences, "problems": []}
 
 

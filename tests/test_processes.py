@@ -53,8 +53,8 @@ def quick_rules(tmp_path: Path) -> dict[str, str]:
     rules, templates = tmp_path / "rules", tmp_path / "templates"
     rules.mkdir()
     (rules / "quick.yaml").write_text(QUICK)
-    # Three touches on one day, to see them all at once: the policy's daily cap is lifted.
-    (rules / "policy.yaml").write_text("caps: {per_day: null, per_week: null}\n")
+    # Three touches at once, whatever the hour: the policy's daily cap and quiet hours are lifted.
+    (rules / "policy.yaml").write_text("caps: {per_day: null, per_week: null}\nquiet_hours: {}\n")
     for channel, name, text in [
         ("email", "hello.txt", "Subject: Hello {{ contact.first_name }}\n\n{{ reason }}\n"),
         ("email", "hello.html", "<p>{{ reason }}</p>\n"),

@@ -219,8 +219,8 @@ def test_a_then_target_missing_from_new_rules_ends_without_moving_and_keeps_the_
     try:
         h.post("/webhooks/generic", deal_event())
         (rules / "lost-prospect-nurture.yaml").unlink()
-        text = (rules / "open-deal.yaml").read_text().replace("  lost: lost-prospect-nurture\n", "")
-        (rules / "open-deal.yaml").write_text(text)
+        for cadence in rules.glob("*.yaml"):
+            cadence.write_text(cadence.read_text().replace("  lost: lost-prospect-nurture\n", ""))
         h.service.reload_rules()
         lost = h.post("/webhooks/generic", deal_event("evt-lost", "deal.lost", status="lost"))
         assert lost.status_code == 202, lost.text
