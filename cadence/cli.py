@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cadence import __version__, logs
-from cadence import rules as ruleset
 from cadence.errors import RulesError
+from cadence.lint import report as lint_report
 from cadence.schema import SCHEMA_FILE, render
 from cadence.settings import Settings
 from cadence.simulate import simulate as simulate_timeline
@@ -141,28 +141,35 @@ def lint(
     ] = None,
     templates: Annotated[Path | None, typer.Option(help="Templates folder (default: TEMPLATES_DIR).")] = None,
     output: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 on warnings too.")] = False,
 ) -> None:
-    """Check cadence files: every error with file:line:column and a hint. Exits 1 on any error."""
+    """Check cadence files: errors and warnings with file:line:column and a hint. Exits 1 on any error."""
+    if output not in ("text", "json"):
+        raise typer.BadParameter(f"{output!r} is not text or json", param_hint="--format")
     settings = Settings()
     targets = paths or [settings.rules_dir]
     missing = [str(p) for p in targets if not p.exists()]
     if missing:
         _err.print(f"no such file or folder: {', '.join(missing)}")
         raise typer.Exit(2)
-    try:
-        loaded = ruleset.load(targets, templates or settings.templates_dir)
-    except RulesError as exc:
-        if output == "json":
-            print(json.dumps({"ok": False, "problems": [p.as_dict() for p in exc.problems]}, indent=2))
-        else:
-            for problem in exc.problems:
-                print(problem)
-            print(f"{len(exc.problems)} error(s)", file=sys.stderr)
-        raise typer.Exit(1) from exc
+    found = lint_report(targets, templates or settings.templates_dir)
+    errors = sum(p.severity == "error" for p in found.problems)
+    warnings = len(found.problems) - errors
+    failed = bool(errors or (strict and warnings))
     if output == "json":
-        print(json.dumps({"ok": True, "cadences": sorted(loaded.cadences), "problems": []}, indent=2))
+        problems = [p.as_dict() for p in found.problems]
+        print(json.dumps({"ok": not failed, "cadences": found.cadences, "problems": problems}, indent=2))
     else:
-        print(f"ok: {len(loaded.cadences)} cadence(s): {', '.join(sorted(loaded.cadences))}")
+        for problem in found.problems:
+            print(problem)
+        if failed:
+            because = "" if errors else " (--strict fails on warnings)"
+            print(f"{errors} error(s), {warnings} warning(s){because}", file=sys.stderr)
+        else:
+            names = ", ".join(found.cadences)
+            print(f"ok: {len(found.cadences)} cadence(s): {names}; {warnings} warning(s)")
+    if failed:
+        raise typer.Exit(1)
 
 
 def _parse_start(value: str) -> datetime:
