@@ -20,7 +20,7 @@ from sqlmodel import Session, col, select, update
 
 from cadence import sandbox, store, timing
 from cadence.clock import Clock
-from cadence.engine import Engine
+from cadence.engine import Engine, touch_view
 from cadence.language import Calendar
 from cadence.metrics import Metrics
 from cadence.models import Contact, Enrollment, EnrollmentStatus, Touch, TouchStatus
@@ -166,12 +166,7 @@ class Dispatcher:
         context.update(
             reason=touch.reason,
             sender=dict(self.sender),
-            touch={
-                "id": touch.id,
-                "step": touch.step_index,
-                "channel": touch.channel,
-                "due_at": touch.due_at,
-            },
+            touch=touch_view(touch),
         )
         try:
             parts = channel.render(self.templates, touch.template, context)

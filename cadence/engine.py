@@ -130,6 +130,11 @@ def _apply(
     row.updated_at = now
 
 
+def touch_view(touch: Touch) -> dict[str, Any]:
+    """What templates see of the touch itself."""
+    return {"id": touch.id, "step": touch.step_index, "channel": touch.channel, "due_at": touch.due_at}
+
+
 @lru_cache(maxsize=256)
 def _spec_from_text(text: str, file: str) -> CadenceSpec:
     return parse(text, file).spec

@@ -18,10 +18,10 @@ from jinja2 import nodes
 
 from cadence import rules as ruleset
 from cadence import sandbox, timing
-from cadence.engine import contact_view, deal_view, enrollment_view
+from cadence.engine import contact_view, deal_view, enrollment_view, touch_view
 from cadence.errors import Problem, RulesError
 from cadence.language import Parsed, Step
-from cadence.models import Contact, Deal, Enrollment
+from cadence.models import Contact, Deal, Enrollment, Touch
 from cadence.policy import Policy
 from cadence.settings import Settings
 from cadence.simulate import simulate
@@ -181,8 +181,17 @@ def _sample_context(parsed: Parsed, index: int) -> dict[str, Any]:
         ),
         "reason": step.reason,
         "sender": sender,
-        # The keys dispatch gives `touch` when it renders.
-        "touch": {"id": 1, "step": index, "channel": step.channel, "due_at": started},
+        "touch": touch_view(
+            Touch(
+                id=1,
+                enrollment_id=1,
+                step_index=index,
+                channel=step.channel,
+                template=step.template,
+                reason=step.reason,
+                due_at=started,
+            )
+        ),
     }
 
 
