@@ -70,25 +70,22 @@ def contact_view_from(fields: Mapping[str, Any]) -> dict[str, Any]:
     return view
 
 
+def _row_view(row: Contact | Deal, columns: tuple[str, ...]) -> dict[str, Any]:
+    """A stored contact or deal as conditions and templates see it: CRM fields, then its own columns."""
+    return {
+        **row.attributes,
+        **{c: getattr(row, c) for c in columns},
+        "id": row.id,
+        "external_id": row.external_id,
+    }
+
+
 def contact_view(contact: Contact) -> dict[str, Any]:
-    return contact_view_from(
-        {
-            **contact.attributes,
-            **{c: getattr(contact, c) for c in _CONTACT_COLUMNS},
-            "id": contact.id,
-            "external_id": contact.external_id,
-        }
-    )
+    return contact_view_from(_row_view(contact, _CONTACT_COLUMNS))
 
 
 def deal_view(deal: Deal | None) -> dict[str, Any] | None:
-    if deal is None:
-        return None
-    view: dict[str, Any] = dict(deal.attributes)
-    view.update({c: getattr(deal, c) for c in _DEAL_COLUMNS})
-    view["id"] = deal.id
-    view["external_id"] = deal.external_id
-    return view
+    return None if deal is None else _row_view(deal, _DEAL_COLUMNS)
 
 
 def enrollment_view(enrollment: Enrollment) -> dict[str, Any]:
@@ -128,6 +125,15 @@ def _apply(
             setattr(row, column, value)
     row.attributes = {**row.attributes, **(data.model_extra or {})}
     row.updated_at = now
+
+
+def _touch_at(s: Session, enrollment_id: int, step_index: int, iteration: int) -> Touch | None:
+    """The touch with this key, if one exists: a touch is made at most once per key."""
+    return s.exec(
+        select(Touch).where(
+            Touch.enrollment_id == enrollment_id, Touch.step_index == step_index, Touch.iteration == iteration
+        )
+    ).first()
 
 
 def touch_view(touch: Touch) -> dict[str, Any]:
@@ -326,15 +332,7 @@ class Engine:
         )
         # A repeated outcome for the same touch finds its try already planned (the touch key is unique).
         return _get_or_insert(
-            s,
-            lambda: s.exec(
-                select(Touch).where(
-                    Touch.enrollment_id == enrollment.id,
-                    Touch.step_index == touch.step_index,
-                    Touch.iteration == again.iteration,
-                )
-            ).first(),
-            lambda: again,
+            s, lambda: _touch_at(s, again.enrollment_id, again.step_index, again.iteration), lambda: again
         )
 
     def plan(self, s: Session, enrollment: Enrollment, step_index: int, now: datetime) -> Touch | None:
@@ -343,26 +341,20 @@ class Engine:
         if step_index >= len(spec.steps):
             self.end(s, enrollment, EnrollmentStatus.completed, "all steps done", now)
             return None
-        existing = s.exec(
-            select(Touch).where(
-                Touch.enrollment_id == enrollment.id, Touch.step_index == step_index, Touch.iteration == 0
-            )
-        ).first()
-        if existing is not None:
-            return existing
         step = spec.steps[step_index]
-        contact = s.get_one(Contact, enrollment.contact_id)
-        touch = Touch(
-            enrollment_id=enrollment.id or 0,
-            step_index=step_index,
-            channel=step.channel,
-            template=step.template,
-            reason=step.reason,
-            due_at=self.due(spec, contact, enrollment.started_at, step_index, now),
-        )
-        s.add(touch)
-        s.flush()
-        return touch
+
+        def make() -> Touch:
+            contact = s.get_one(Contact, enrollment.contact_id)
+            return Touch(
+                enrollment_id=enrollment.id or 0,
+                step_index=step_index,
+                channel=step.channel,
+                template=step.template,
+                reason=step.reason,
+                due_at=self.due(spec, contact, enrollment.started_at, step_index, now),
+            )
+
+        return _get_or_insert(s, lambda: _touch_at(s, enrollment.id or 0, step_index, 0), make)
 
     def placement(
         self, spec: CadenceSpec, step: Step, timezone: str | None, country: str | None
