@@ -1,9 +1,11 @@
-"""The HTTP API: webhooks in, outcomes in, timelines and call tasks out, health and metrics."""
+"""The HTTP API: webhooks in, outcomes in, timelines and call tasks out, the loaded cadences and their
+reload, health and metrics."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import time
@@ -26,6 +28,7 @@ from starlette.routing import Route
 
 from cadence import store
 from cadence.engine import EngineError
+from cadence.errors import RulesError
 from cadence.inbox import Rejection, read_model
 from cadence.language import OutcomeName
 from cadence.models import CallTask
@@ -91,6 +94,31 @@ def sign(secret: str, body: bytes, stamp: int) -> str:
 
 def _digest(secret: str, body: bytes, stamp: int) -> str:
     return hmac.new(secret.encode(), f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
+
+
+def _loopback(host: str | None) -> bool:
+    try:
+        address = ipaddress.ip_address(host or "")
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def admin_refusal(token: str | None, request: Request) -> Response | None:
+    """None when the caller may use an admin endpoint: it brings the token, or, with no token set, it
+    calls from this machine (behind a proxy every caller looks local: set ADMIN_TOKEN there)."""
+    if token:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
+            return None
+        refused = error(401, "unauthorised", "send Authorization: Bearer <ADMIN_TOKEN>", "Authorization")
+        refused.headers["WWW-Authenticate"] = "Bearer"
+        return refused
+    if _loopback(request.client.host if request.client else None):
+        return None
+    return error(403, "forbidden", "without ADMIN_TOKEN set, this is allowed from loopback addresses only")
 
 
 #: What `GET /call-tasks?status=` may ask for; `open` is the default, the calls still to make.
@@ -245,6 +273,39 @@ def create_app(service: Service, background: bool = True) -> Starlette:
             status_code=200 if healthy else 503,
         )
 
+    async def reload_rules(request: Request) -> Response:
+        refused = admin_refusal(settings.admin_token, request)
+        if refused is not None:
+            return refused
+        try:
+            changes = await run_in_threadpool(service.reload_rules)
+        except RulesError as exc:
+            count = len(exc.problems)
+            return error(
+                422,
+                "invalid_rules",
+                f"{count} problem(s) in the rules; the loaded rules stay in force. First: {exc.problems[0]}",
+                problems=[p.as_dict() for p in exc.problems],
+            )
+        return _JSON(changes.as_dict())
+
+    async def cadences(request: Request) -> Response:
+        loaded = service.rules.cadences
+        return _JSON(
+            {
+                "cadences": [
+                    {
+                        "name": name,
+                        "kind": parsed.spec.kind,
+                        "content_hash": parsed.content_hash,
+                        "file": parsed.file,
+                        "steps": len(parsed.spec.steps),
+                    }
+                    for name, parsed in sorted(loaded.items())
+                ]
+            }
+        )
+
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -268,6 +329,8 @@ def create_app(service: Service, background: bool = True) -> Starlette:
             Route("/outcomes", outcomes, methods=["POST"]),
             Route("/enrollments/{id}", enrollment, methods=["GET"]),
             Route("/call-tasks", call_tasks, methods=["GET"]),
+            Route("/cadences", cadences, methods=["GET"]),
+            Route("/rules/reload", reload_rules, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
         ],

@@ -8,18 +8,19 @@ import sys
 import threading
 from datetime import date, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from cadence import __version__, logs
-from cadence.errors import RulesError
+from cadence.errors import Problem, RulesError
 from cadence.lint import report as lint_report
+from cadence.rules import RuleSet
+from cadence.rules import load as load_rules
 from cadence.schema import SCHEMA_FILE, render
 from cadence.settings import Settings
-from cadence.simulate import simulate as simulate_timeline
 
 app = typer.Typer(
     help="Cadence: touch cadences for sales teams. Configuration comes from environment variables "
@@ -197,46 +198,121 @@ def _parse_object(value: str | None, name: str) -> dict[str, Any] | None:
 def simulate(
     file: Annotated[Path, typer.Argument(help="The cadence file.", exists=True, dir_okay=False)],
     start: Annotated[str, typer.Option(help="Enrollment start: YYYY-MM-DD or ISO date-time, in the zone.")],
+    days: Annotated[int, typer.Option(min=1, max=3660, help="How many days to follow the contact.")] = 90,
     tz: Annotated[str | None, typer.Option(help="The contact's IANA time zone, e.g. Europe/Berlin.")] = None,
     contact: Annotated[str | None, typer.Option(help="Contact fields as JSON, e.g. '{\"age\": 55}'.")] = None,
-    deal: Annotated[str | None, typer.Option(help="Deal fields as JSON.")] = None,
+    deal: Annotated[
+        str | None, typer.Option(help="Deal fields as JSON; the simulated deal is open unless they say not.")
+    ] = None,
+    outcome: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="An outcome on a day counted from the start, answering that day's touch: "
+            "'day 3: no_answer', "
+            "'day 10 16:00: meeting_booked', 'day 20: lost'. Repeat the option for more.",
+        ),
+    ] = None,
+    block: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A block the contact already has: a channel or all, for some days: call, all, email:30."
+        ),
+    ] = None,
+    rules_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--rules", help="The rules folder (policy.yaml, then-targets); default: the file's own folder."
+        ),
+    ] = None,
+    templates_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--templates",
+            help="The templates folder; default: TEMPLATES_DIR if there, else templates/ beside the rules.",
+        ),
+    ] = None,
     output: Annotated[str, typer.Option("--format", help="table or json")] = "table",
 ) -> None:
-    """Print a cadence's timeline for a contact: step, local date and time, channel, reason."""
-
+    """Run a cadence for one contact on a private, simulated clock: every touch as the service would make it
+    (windows, holidays, DST, quiet hours, blocks, caps, budget, repeats), and the branches outcomes take."""
+    from cadence import rules as ruleset
+    from cadence import sandbox, timing
+    from cadence import simulate as simulation
     from cadence.language import parse
 
+    if output not in ("table", "json"):
+        raise typer.BadParameter("--format is table or json")
     settings = Settings()
     try:
         spec = parse(file.read_text(encoding="utf-8"), str(file)).spec
+        folder = rules_dir or file.parent
+        paths = [folder] if file.resolve().parent == folder.resolve() else [folder, file]
+        templates = templates_dir or settings.templates_dir
+        if templates_dir is None and not templates.is_dir():
+            templates = folder.resolve().parent / "templates"
+        loaded = ruleset.load(paths, templates)
     except RulesError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         raise typer.Exit(1) from exc
+    try:
+        scripted = [simulation.Scripted.parse(text) for text in outcome or ()]
+        blocks = [simulation.BlockedAtStart.parse(text) for text in block or ()]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     fields = _parse_object(contact, "--contact") or {}
     if tz:
         fields["timezone"] = tz
     when = _parse_start(start)
+    zone = timing.zone_for(fields.get("timezone"), spec.calendar, settings.default_timezone)
     if when.tzinfo is None:
-        from cadence import timing
-
-        zone = timing.zone_for(fields.get("timezone"), spec.calendar, settings.default_timezone)
         when = when.replace(tzinfo=zone)
-    rows = simulate_timeline(spec, when, fields, _parse_object(deal, "--deal"), settings.default_timezone)
+    events = simulation.run(
+        loaded,
+        spec.cadence,
+        when,
+        fields,
+        {"status": "open", **(_parse_object(deal, "--deal") or {})},
+        days=days,
+        templates=sandbox.template_environment(templates),
+        sender=settings.sender(),
+        default_timezone=settings.default_timezone,
+        outcomes=scripted,
+        blocks=blocks,
+    )
     if output == "json":
-        print(json.dumps([r.as_dict() for r in rows], indent=2, ensure_ascii=False))
+        print(json.dumps(simulation.as_json(events), indent=2, ensure_ascii=False))
         return
-    table = Table(title=f"{spec.cadence} from {when.isoformat()}")
-    for column in ("step", "local date", "time", "channel", "reason"):
+    _print_timeline(spec.cadence, when, days, events)
+
+
+def _print_timeline(name: str, start: datetime, days: int, events: list[Any]) -> None:
+    table = Table(title=f"{name} from {start.isoformat()}, {days} days")
+    for column in ("local date", "time", "cadence", "step", "channel", "status", "reason / note"):
         table.add_column(column)
-    for row in rows:
-        reason = row.reason if row.sent else f"[dim]{row.reason} — {row.note}[/dim]"
+    styles = {"sent": "", "skipped": "dim", "cancelled": "dim", "failed": "red", "planned": "dim italic"}
+    for event in events:
+        step = (
+            "" if event.step is None else f"{event.step}" + (f".{event.iteration}" if event.iteration else "")
+        )
+        if event.kind == "touch":
+            text = event.reason or ""
+            if event.status != "sent" and event.note:
+                text += f" — {event.note}"
+            if event.variant:
+                text += f" (variant {event.variant})"
+            status, style = event.status or "", styles.get(event.status or "", "")
+        else:
+            text, status, style = event.note or "", event.status or event.kind, "bold"
         table.add_row(
-            str(row.step),
-            row.local.strftime("%a %Y-%m-%d"),
-            row.local.strftime("%H:%M %Z"),
-            row.channel,
-            reason,
+            event.local.strftime("%a %Y-%m-%d"),
+            event.local.strftime("%H:%M %Z"),
+            event.cadence,
+            step,
+            event.channel or event.kind,
+            status,
+            text,
+            style=style or None,
         )
     Console().print(table)
 
@@ -255,6 +331,192 @@ def schema(
         return
     output.write_text(text, encoding="utf-8")
     _err.print(f"wrote {output}", markup=False, highlight=False)
+
+
+rules_app = typer.Typer(
+    help="Compare rule sets, and have a running server load its rules again without a restart.",
+    no_args_is_help=True,
+)
+app.add_typer(rules_app, name="rules")
+
+#: Seconds `cadence rules reload` waits for the server's answer.
+RELOAD_TIMEOUT_SECONDS = 60
+#: How a rule-set diff marks each cadence, and in which style.
+_MARKS = {"added": ("+", "green"), "removed": ("-", "red"), "changed": ("~", "yellow")}
+
+
+def _invalid(problems: list[Problem], output: str, after: str) -> NoReturn:
+    """Print every problem, located, as `cadence lint` does, and exit 2."""
+    if output == "json":
+        print(json.dumps({"problems": [p.as_dict() for p in problems]}, indent=2))
+    else:
+        for problem in problems:
+            print(problem)
+        print(f"{len(problems)} error(s); {after}", file=sys.stderr)
+    raise typer.Exit(2)
+
+
+def _load_folders(folders: list[Path], templates: Path, output: str, after: str) -> list[RuleSet]:
+    """Each folder's rule set; any problem in any of them is printed, with all the others, and exits 2."""
+    missing = [str(f) for f in folders if not f.is_dir()]
+    if missing:
+        _err.print(f"no such folder: {', '.join(missing)}", markup=False, highlight=False)
+        raise typer.Exit(2)
+    loaded, problems = [], []
+    for folder in folders:
+        try:
+            loaded.append(load_rules([folder], templates))
+        except RulesError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        _invalid(problems, output, after)
+    return loaded
+
+
+def _print_diff(found: dict[str, Any]) -> None:
+    """A rule-set diff as its JSON gives it (`rules diff --format json`, POST /rules/reload), for people."""
+    from rich.text import Text
+
+    out = Console(highlight=False, soft_wrap=True)
+    unchanged = []
+    for cadence in found["cadences"]:
+        if cadence["status"] == "unchanged":
+            unchanged.append(cadence["name"])
+            continue
+        mark, style = _MARKS[cadence["status"]]
+        line = Text.assemble(
+            (f"{mark} {cadence['name']}", f"bold {style}"),
+            f" {cadence['status']} ({cadence['new_file'] or cadence['old_file']})",
+        )
+        if cadence.get("active_on_old"):
+            line.append(f"; {cadence['active_on_old']} active enrollment(s) keep their old version")
+        out.print(line)
+        for change in cadence["changes"]:
+            out.print(Text(f"    {change['text']}"))
+    if found["policy"]:
+        out.print(Text("~ policy", style="bold yellow"))
+        for change in found["policy"]:
+            out.print(Text(f"    {change['text']}"))
+    if unchanged:
+        out.print(Text(f"unchanged: {', '.join(unchanged)}", style="dim"))
+    if not found["differs"]:
+        out.print("no differences")
+
+
+@rules_app.command("diff")
+def rules_diff(
+    folders: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="OLD NEW",
+            help="Two rules folders, each with its policy.yaml: OLD, then NEW. With --against-db, NEW only.",
+            show_default=False,
+        ),
+    ],
+    against_db: Annotated[
+        bool,
+        typer.Option(
+            "--against-db",
+            help="Compare NEW with the newest cadence versions in the database (DATABASE_URL), the ones "
+            "enrollments started on, and count the active enrollments that keep an old version.",
+        ),
+    ] = False,
+    templates: Annotated[Path | None, typer.Option(help="Templates folder (default: TEMPLATES_DIR).")] = None,
+    output: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+) -> None:
+    """Show what changed between two rule sets: cadences added, removed or changed, and the policy.
+
+    A changed cadence lists its changed fields and steps as its file names them: `steps[2].day: 4 → 5`.
+    Exits 0 when the rules are the same and 1 when they differ.
+    Invalid rules exit 2, with every error and its file:line:column, as `cadence lint` prints them.
+    """
+    import sqlalchemy as sa
+
+    from cadence import diff, store
+
+    if output not in ("text", "json"):
+        raise typer.BadParameter(f"{output!r} is not text or json", param_hint="--format")
+    if len(folders) != (1 if against_db else 2):
+        wanted = "one folder, NEW, with --against-db" if against_db else "two folders, OLD and NEW"
+        raise typer.BadParameter(f"give {wanted}", param_hint="[OLD] NEW")
+    settings = Settings()
+    rule_sets = _load_folders(folders, templates or settings.templates_dir, output, "nothing compared")
+    if against_db:
+        db = store.create_engine(settings.database_url)
+        try:
+            found = diff.against_db(db, rule_sets[0])
+        except RulesError as exc:
+            # A stored version the language no longer reads: the enrollments on it cannot run either.
+            _invalid(exc.problems, output, "a version in the database does not load")
+        except sa.exc.SQLAlchemyError as exc:
+            _err.print(f"cannot read the database: {exc}", markup=False, highlight=False)
+            raise typer.Exit(2) from exc
+        finally:
+            db.dispose()
+    else:
+        found = diff.compare_rules(rule_sets[0], rule_sets[1])
+    if output == "json":
+        print(json.dumps(found.as_dict(), indent=2, ensure_ascii=False))
+    else:
+        if against_db:
+            _err.print("against the cadence versions in the database (which holds no policy)", soft_wrap=True)
+        _print_diff(found.as_dict())
+    if found.differs:
+        raise typer.Exit(1)
+
+
+def _server_url(settings: Settings) -> str:
+    host = "127.0.0.1" if settings.host in ("", "0.0.0.0", "::") else settings.host
+    return f"http://[{host}]:{settings.port}" if ":" in host else f"http://{host}:{settings.port}"
+
+
+def _refusal(body: bytes) -> dict[str, Any]:
+    """The API's one error shape from a refusal; {} when the answer is something else, e.g. a proxy's page."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return {}
+    problem = answer.get("error") if isinstance(answer, dict) else None
+    return problem if isinstance(problem, dict) else {}
+
+
+@rules_app.command("reload")
+def rules_reload(
+    url: Annotated[
+        str | None, typer.Option(help="The running server (default: http://HOST:PORT from the settings).")
+    ] = None,
+) -> None:
+    """Check RULES_DIR here, then have the running server load it again, and print what changed.
+
+    All or nothing: invalid rules are not sent (exit 2), and a server that finds problems keeps its rules.
+    Running enrollments keep their cadence version; only new enrollments start on the new rules.
+    Sends ADMIN_TOKEN as a bearer token when it is set; without it, the server answers only its own machine.
+    """
+    import urllib.error
+    import urllib.request
+
+    settings = Settings()
+    base = (url or _server_url(settings)).rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise typer.BadParameter(f"{base!r} is not an http:// or https:// address", param_hint="--url")
+    _load_folders([settings.rules_dir], settings.templates_dir, "text", "nothing sent to the server")
+    headers = {"Authorization": f"Bearer {settings.admin_token}"} if settings.admin_token else {}
+    request = urllib.request.Request(f"{base}/rules/reload", data=b"", method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=RELOAD_TIMEOUT_SECONDS) as response:
+            found = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            problem = _refusal(exc.read())
+        if exc.code == 422 and problem.get("problems"):
+            _invalid([Problem(**p) for p in problem["problems"]], "text", "the server keeps the rules it has")
+        _err.print(f"{base}: {exc.code} {problem.get('message', exc.reason)}", markup=False, highlight=False)
+        raise typer.Exit(1) from exc
+    except (urllib.error.URLError, OSError) as exc:
+        _err.print(f"cannot reach {base}: {exc}", markup=False, highlight=False)
+        raise typer.Exit(1) from exc
+    _err.print(f"{base} reloaded {settings.rules_dir}", markup=False, highlight=False)
+    _print_diff(found)
 
 
 def main() -> None:

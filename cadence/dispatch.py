@@ -21,7 +21,7 @@ from sqlmodel import Session, col, select, update
 from cadence import sandbox, store, timing
 from cadence.clock import Clock
 from cadence.engine import Engine, touch_view
-from cadence.language import Calendar
+from cadence.language import Calendar, Touchpoint
 from cadence.metrics import Metrics
 from cadence.models import Contact, Enrollment, EnrollmentStatus, Touch, TouchStatus
 from channels import Channel, DeliveryError, Message, Receipt, TransientError
@@ -145,22 +145,37 @@ class Dispatcher:
             self.engine.leave(s, enrollment, why, target, now)
             return self._close(touch, TouchStatus.cancelled, why), None
         spec = self.engine.spec_of(s, enrollment)
+        point = spec.touchpoint(touch.step_index)
+        if point is None:  # only a hand-edited database gets here: the version is pinned
+            return self._close(touch, TouchStatus.cancelled, "no such step in the cadence"), None
+        goal = self.engine.goal_reached(s, spec, enrollment, touch.step_index, context)
+        if goal is not None:
+            self.engine.end(s, enrollment, EnrollmentStatus.completed, goal, now)
+            return self._close(touch, TouchStatus.cancelled, goal), None
         contact = context["contact"]
-        step = spec.steps[touch.step_index]
-        zone, calendar = self.engine.placement(spec, step, contact["timezone"], contact["country"])
+        zone, calendar = self.engine.placement(
+            spec, point, touch.channel, contact["timezone"], contact["country"]
+        )
         slot = timing.due_at(now, 0, calendar, zone)
         if slot > now:
             # Late (a backlog, an outage, a retry) and now outside the window or on a day off: wait for it.
             return self._defer(touch, slot, "deferred to the next send window"), None
-        blocked = self.engine.blocked(s, enrollment.contact_id, touch.channel, now)
-        skipped = sandbox.skip_reason(step.when, step.skip_when, context) or blocked
+        skipped = sandbox.skip_reason(point.when, point.skip_when, context)
         if skipped:
             return self.finish(s, touch, TouchStatus.skipped, skipped), None
+        unreachable = self._route(s, point, touch, context, now)
+        if unreachable:
+            return self.finish(s, touch, TouchStatus.skipped, unreachable), None
+        zone, calendar = self.engine.placement(
+            spec, point, touch.channel, contact["timezone"], contact["country"]
+        )
+        slot = timing.due_at(now, 0, calendar, zone)
+        if slot > now:  # the choice fell on a channel whose hours have not begun
+            return self._defer(touch, slot, f"deferred to {touch.channel}'s hours"), None
         channel = self.channels[touch.channel]
-        missing = channel.missing(context["contact"])
-        if missing:
-            return self.finish(s, touch, TouchStatus.skipped, missing), None
-        capped = self._capped(s, touch, enrollment.contact_id, now, zone, calendar)
+        capped = self._capped(s, touch, enrollment.contact_id, now, zone, calendar) or self._over_budget(
+            s, spec.budget.per_month if spec.budget else None, touch, now, zone, calendar
+        )
         if capped is not None:
             return self._defer(touch, *capped), None
         context.update(
@@ -187,6 +202,70 @@ class Dispatcher:
         )
         touch.cleared_at = now
         return Result(touch_id, TouchStatus.sending), message
+
+    def _unusable(self, s: Session, channel: str, context: Mapping[str, Any], now: datetime) -> str | None:
+        """Why the contact cannot be reached on `channel` now: a block, a missing address, no consent."""
+        contact = context["contact"]
+        blocked = self.engine.blocked(s, contact["id"], channel, now)
+        if blocked:
+            return blocked
+        missing = self.channels[channel].missing(contact)
+        if missing:
+            return missing
+        consent = self.engine.policy.consent_for(channel)
+        if consent and not self.engine._holds(consent, context, f"policy consent.{channel}"):
+            return f"no consent for {channel}: {consent} does not hold"
+        return None
+
+    def _route(
+        self, s: Session, point: Touchpoint, touch: Touch, context: Mapping[str, Any], now: datetime
+    ) -> str | None:
+        """Settle the touch's channel and template at send time; why it cannot go out at all, or None."""
+        if not point.choose:
+            return self._unusable(s, touch.channel, context, now)
+        reasons: list[str] = []
+
+        def usable(channel: str) -> str | None:
+            why = self._unusable(s, channel, context, now)
+            if why:
+                reasons.append(f"{channel}: {why}")
+            return why
+
+        option = self.engine.choose_option(point, context, usable)
+        if (option.when and not sandbox.truthy(option.when, context)) or usable(option.channel):
+            found = "; ".join(dict.fromkeys(reasons)) or "no choice's condition holds"
+            return f"no choice reaches the contact: {found}"
+        touch.channel, touch.template = option.channel, option.template
+        return None
+
+    def _over_budget(
+        self,
+        s: Session,
+        per_month: int | None,
+        touch: Touch,
+        now: datetime,
+        zone: ZoneInfo,
+        calendar: Calendar,
+    ) -> tuple[datetime, str] | None:
+        """(the next month's first slot, why) when the enrollment has had its monthly budget, else None."""
+        if not per_month:
+            return None
+        local = now.astimezone(zone)
+        month = datetime(local.year, local.month, 1, tzinfo=zone)
+        spent = s.exec(
+            select(sa.func.count())
+            .select_from(Touch)
+            .where(
+                Touch.enrollment_id == touch.enrollment_id,
+                col(Touch.status).in_([TouchStatus.sending, TouchStatus.sent]),
+                col(Touch.cleared_at) >= month.astimezone(UTC),
+                col(Touch.id) != touch.id,
+            )
+        ).one()
+        if spent < per_month:
+            return None
+        following = datetime(local.year + local.month // 12, local.month % 12 + 1, 1, tzinfo=zone)
+        return timing.due_at(following, 0, calendar, zone), f"deferred: budget of {per_month} a month spent"
 
     def _defer(self, touch: Touch, until: datetime, why: str) -> Result:
         """Not now: plan the touch again for `until`; the attempt does not count."""

@@ -6,6 +6,7 @@ the unit of change: an event either has all its effects or none.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from sqlmodel import Session, SQLModel, col, select
 
 from cadence import sandbox, timing
 from cadence.events import ContactData, DealData, Event
-from cadence.language import CadenceSpec, Calendar, Step, parse
+from cadence.language import CadenceSpec, Calendar, Option, Touchpoint, Variant, parse
 from cadence.models import (
     Block,
     CadenceVersion,
@@ -138,7 +139,33 @@ def _touch_at(s: Session, enrollment_id: int, step_index: int, iteration: int) -
 
 def touch_view(touch: Touch) -> dict[str, Any]:
     """What templates see of the touch itself."""
-    return {"id": touch.id, "step": touch.step_index, "channel": touch.channel, "due_at": touch.due_at}
+    return {
+        "id": touch.id,
+        "step": touch.step_index,
+        "iteration": touch.iteration,
+        "channel": touch.channel,
+        "variant": touch.variant,
+        "due_at": touch.due_at,
+    }
+
+
+def stable_fraction(*parts: object) -> float:
+    """A number in [0, 1) fixed by `parts`: the same touch always draws the same variant, on any machine."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def pick_variant(variants: tuple[Variant, ...], draw: float) -> Variant | None:
+    """The variant a draw in [0, 1) lands on, by weight."""
+    total = sum(v.weight for v in variants)
+    if not total:
+        return None
+    mark = draw * total
+    for variant in variants:
+        if mark < variant.weight:
+            return variant
+        mark -= variant.weight
+    return variants[-1]
 
 
 @lru_cache(maxsize=256)
@@ -191,13 +218,13 @@ class Engine:
         effects = Effects()
         deal = self._find_deal(s, source, event.deal) if event.deal else None
         if event.contact is not None:
-            contact = self._upsert_contact(s, source, event.contact, now)
+            contact = self.upsert_contact(s, source, event.contact, now)
         elif deal is not None and deal.contact_id is not None:
             contact = s.get_one(Contact, deal.contact_id)
         else:
             raise EngineError("a deal seen for the first time needs its `contact`", field="contact")
         if event.deal is not None:
-            deal = self._upsert_deal(s, source, event.deal, contact, deal, now)
+            deal = self.upsert_deal(s, source, event.deal, contact, deal, now)
             if event.type in ("deal.won", "deal.lost"):
                 deal.status = event.type.removeprefix("deal.")
         s.flush()
@@ -205,7 +232,7 @@ class Engine:
         self._enroll_matching(s, event, contact, deal, now, effects)
         return effects
 
-    def _upsert_contact(self, s: Session, source: str, data: ContactData, now: datetime) -> Contact:
+    def upsert_contact(self, s: Session, source: str, data: ContactData, now: datetime) -> Contact:
         def existing() -> Contact | None:
             return s.exec(
                 select(Contact).where(Contact.source == source, Contact.external_id == data.id)
@@ -221,7 +248,7 @@ class Engine:
     def _find_deal(self, s: Session, source: str, data: DealData) -> Deal | None:
         return s.exec(select(Deal).where(Deal.source == source, Deal.external_id == data.id)).first()
 
-    def _upsert_deal(
+    def upsert_deal(
         self, s: Session, source: str, data: DealData, contact: Contact, deal: Deal | None, now: datetime
     ) -> Deal:
         if deal is None:
@@ -312,13 +339,13 @@ class Engine:
         self, s: Session, spec: CadenceSpec, enrollment: Enrollment, touch: Touch, outcome: str, now: datetime
     ) -> Touch | None:
         """The step's next try after `outcome`, if its on_outcome asks for one and tries are left."""
-        step = spec.steps[touch.step_index]
-        retry = step.on_outcome.get(outcome)  # type: ignore[call-overload]
-        if retry is None or touch.iteration >= retry.max:
+        point = spec.touchpoint(touch.step_index)
+        rule = point.on_outcome.get(outcome) if point else None  # type: ignore[call-overload]
+        if point is None or rule is None or rule.max is None or touch.iteration >= rule.max:
             return None
-        days, business = retry.gap
+        days, business = rule.gap
         contact = s.get_one(Contact, enrollment.contact_id)
-        zone, calendar = self.placement(spec, step, contact.timezone, contact.country)
+        zone, calendar = self.placement(spec, point, touch.channel, contact.timezone, contact.country)
         counting = calendar.model_copy(update={"business_days": business})
         again = Touch(
             enrollment_id=enrollment.id or 0,
@@ -326,8 +353,9 @@ class Engine:
             iteration=touch.iteration + 1,
             channel=touch.channel,
             template=touch.template,
+            variant=touch.variant,
             reason=touch.reason,
-            due_at=timing.due_at(now, days, counting, zone, step.at),
+            due_at=timing.due_at(now, days, counting, zone, point.at),
             status_reason=f"try {touch.iteration + 2} after {outcome}",
         )
         # A repeated outcome for the same touch finds its try already planned (the touch key is unique).
@@ -336,49 +364,116 @@ class Engine:
         )
 
     def plan(self, s: Session, enrollment: Enrollment, step_index: int, now: datetime) -> Touch | None:
-        """Plan step `step_index`, or complete the enrollment when there is none."""
+        """Plan touch number `step_index`, or complete the enrollment when there is none (or its repeat's
+        goal holds)."""
         spec = self.spec_of(s, enrollment)
-        if step_index >= len(spec.steps):
+        point = spec.touchpoint(step_index)
+        if point is None:
             self.end(s, enrollment, EnrollmentStatus.completed, "all steps done", now)
             return None
-        step = spec.steps[step_index]
+        goal = self.goal_reached(s, spec, enrollment, step_index)
+        if goal is not None:
+            self.end(s, enrollment, EnrollmentStatus.completed, goal, now)
+            return None
 
         def make() -> Touch:
             contact = s.get_one(Contact, enrollment.contact_id)
+            context = self.context(s, enrollment)
+            variant = pick_variant(point.variants, stable_fraction(enrollment.id, step_index))
+            option = self.choose_option(point, context)
+            channel = (variant and variant.channel) or option.channel
+            template = (variant and variant.template) or option.template
             return Touch(
                 enrollment_id=enrollment.id or 0,
                 step_index=step_index,
-                channel=step.channel,
-                template=step.template,
-                reason=step.reason,
-                due_at=self.due(spec, contact, enrollment.started_at, step_index, now),
+                channel=channel,
+                template=template,
+                variant=variant.name if variant else None,
+                reason=point.reason,
+                due_at=self.due(spec, contact, enrollment, step_index, channel, now),
             )
 
         return _get_or_insert(s, lambda: _touch_at(s, enrollment.id or 0, step_index, 0), make)
 
+    def goal_reached(
+        self,
+        s: Session,
+        spec: CadenceSpec,
+        enrollment: Enrollment,
+        step_index: int,
+        context: dict[str, Any] | None = None,
+    ) -> str | None:
+        """Why a repeat stops before touch `step_index` (its `until` holds), or None."""
+        repeat = spec.repeat
+        if repeat is None or repeat.until is None or step_index < len(spec.steps):
+            return None
+        context = context or self.context(s, enrollment)
+        if self._holds(repeat.until, context, f"{spec.cadence}: repeat.until"):
+            return f"repeat until: {repeat.until}"
+        return None
+
+    def choose_option(
+        self, point: Touchpoint, context: Mapping[str, Any], usable: Callable[[str], str | None] | None = None
+    ) -> Option:
+        """The first choice whose `when` holds (and, given `usable`, whose channel reaches the contact).
+
+        Without a usable choice, the first one: the caller then sees why it cannot go out.
+        """
+        options = point.options()
+        for option in options:
+            if option.when and not self._holds(option.when, context, f"choose.when: {option.when}"):
+                continue
+            if usable is None or usable(option.channel) is None:
+                return option
+        return options[0]
+
     def placement(
-        self, spec: CadenceSpec, step: Step, timezone: str | None, country: str | None
+        self, spec: CadenceSpec, point: Touchpoint, channel: str, timezone: str | None, country: str | None
     ) -> tuple[ZoneInfo, Calendar]:
-        """Zone and calendar of one step for a contact: the step's window, within its channel's hours."""
+        """Zone and calendar of one touch for a contact: the step's window, within its channel's hours."""
         zone, calendar = timing.placement(spec.calendar, timezone, country, self.default_timezone)
-        return zone, timing.for_step(calendar, step.window, self.policy.quiet_hours.get(step.channel))
+        return zone, timing.for_step(calendar, point.window, self.policy.hours(channel))
 
     def due(
         self,
         spec: CadenceSpec,
         contact: Contact,
-        started_at: datetime,
+        enrollment: Enrollment,
         step_index: int,
+        channel: str,
         now: datetime | None = None,
     ) -> datetime:
-        """When the step is due; if planned at `now` behind schedule (an outage), its spacing from now."""
-        step = spec.steps[step_index]
-        zone, calendar = self.placement(spec, step, contact.timezone, contact.country)
-        due = timing.due_at(started_at, step.day, calendar, zone, step.at)
-        if now is None or step_index == 0 or due >= now:
-            return due
-        gap = step.day - spec.steps[step_index - 1].day
-        return timing.due_at(now, gap, calendar, zone, step.at)
+        """When touch `step_index` is due, planned at `now` (when the touch before it went out).
+
+        A `day` step counts from the enrollment's start; planned behind schedule (an outage), it keeps its
+        spacing from now. An `after` step and a repeat count from now. The calendar's `spread` then moves
+        each enrollment by its own few minutes, inside the window.
+        """
+        point = spec.touchpoint(step_index)
+        assert point is not None
+        zone, calendar = self.placement(spec, point, channel, contact.timezone, contact.country)
+        base = now or enrollment.started_at
+        if step_index >= len(spec.steps):
+            assert spec.repeat is not None
+            days, business = spec.repeat.gap
+            counting = calendar.model_copy(update={"business_days": calendar.business_days or business})
+            due = timing.due_at(base, days, counting, zone, point.at)
+        else:
+            step = spec.steps[step_index]
+            if step.after is not None:
+                days, business = step.gap
+                counting = calendar.model_copy(update={"business_days": calendar.business_days or business})
+                due = timing.due_at(base, days, counting, zone, step.at)
+            else:
+                day = step.day or 0
+                due = timing.due_at(enrollment.started_at, day, calendar, zone, step.at)
+                if now is not None and step_index > 0 and due < now:
+                    gap = day - (spec.steps[step_index - 1].day or 0)
+                    due = timing.due_at(now, gap, calendar, zone, step.at)
+        spread = calendar.spread_seconds
+        if spread:
+            due = timing.spread(due, spread * stable_fraction("spread", enrollment.id), calendar, zone)
+        return due
 
     def blocked(self, s: Session, contact_id: int, channel: str | None, now: datetime) -> str | None:
         """Why the contact may not be touched on `channel` now (None: on any channel at all), or None."""
@@ -568,8 +663,13 @@ class Engine:
             deal.updated_at = now
         elif enrollment.status == EnrollmentStatus.active:
             spec = self.spec_of(s, enrollment)
+            point = spec.touchpoint(touch.step_index) if touch is not None else None
+            rule = point.on_outcome.get(name) if point else None  # type: ignore[call-overload]
             target = spec.then.targets().get(name)
-            if target is not None or name in spec.exit.on_outcome:
+            if rule is not None and rule.ends:
+                target = rule.then or target
+                self.leave(s, enrollment, f"outcome: {name}", target, now, effects, outcome=name)
+            elif target is not None or name in spec.exit.on_outcome:
                 self.leave(s, enrollment, f"outcome: {name}", target, now, effects, outcome=name)
             elif touch is not None:
                 self._retry(s, spec, enrollment, touch, name, now)

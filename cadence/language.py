@@ -11,7 +11,15 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import holidays
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
 
 from cadence import sandbox, yamlpos
 from cadence.errors import Problem, RulesError
@@ -254,6 +262,28 @@ class Then(_Model):
         return {name: target for name in type(self).model_fields if (target := getattr(self, name))}
 
 
+_SPREAD = re.compile(r"^\s*(\d+)\s*(minute|minutes|hour|hours)\s*$")
+
+
+def parse_spread(text: str) -> int:
+    """`45 minutes`, `2 hours` -> seconds (at most 12 hours)."""
+    match = _SPREAD.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a spread such as '45 minutes' or '2 hours'")
+    seconds = int(match.group(1)) * (3600 if match.group(2).startswith("hour") else 60)
+    if seconds > 12 * 3600:
+        raise ValueError(f"spread {text!r} is over 12 hours: touches would slip into other days")
+    return seconds
+
+
+def _spread(text: str) -> str:
+    parse_spread(text)
+    return text
+
+
+Spread = Annotated[str, AfterValidator(_spread)]
+
+
 class Calendar(_Model):
     business_days: bool = Field(
         default=False,
@@ -276,33 +306,103 @@ class Calendar(_Model):
         default=(),
         description="The cadence's own closed dates (YYYY-MM-DD): no touch goes out on them.",
     )
+    spread: Spread | None = Field(
+        default=None,
+        description="Spread touches due at the same moment (a thousand contacts imported at once) over this "
+        "much time, inside the window, e.g. '2 hours', '45 minutes'.",
+    )
+
+    @property
+    def spread_seconds(self) -> int:
+        return parse_spread(self.spread) if self.spread else 0
 
 
-class Retry(_Model):
-    retry_after: Gap = Field(description="When to try again: e.g. '1 business day', '2 days', '1 week'.")
-    max: int = Field(ge=1, le=10, description="Tries after the first, at most.")
+class OnOutcome(_Model):
+    retry_after: Gap | None = Field(
+        default=None, description="Try the step again after this gap: e.g. '1 business day', '2 days'."
+    )
+    max: int | None = Field(default=None, ge=1, le=10, description="Tries after the first, at most.")
+    exit: bool = Field(
+        default=False, strict=True, description="true: this outcome of this touch ends the cadence."
+    )
+    then: CadenceName | None = Field(
+        default=None,
+        description="End the cadence and start this one, e.g. meeting_booked: {then: post-meeting}.",
+    )
+
+    @model_validator(mode="after")
+    def _one_action(self) -> OnOutcome:
+        retrying = self.retry_after is not None or self.max is not None
+        if retrying and (self.retry_after is None or self.max is None):
+            raise ValueError(
+                "a retry needs both `retry_after` and `max`, e.g. {retry_after: 1 business day, max: 2}"
+            )
+        if retrying and (self.exit or self.then):
+            raise ValueError("an outcome either retries the step or ends the cadence, not both")
+        if not retrying and not self.exit and not self.then:
+            raise ValueError(
+                "say what the outcome does: `retry_after` and `max`, `exit: true`, or `then: <cadence>`"
+            )
+        return self
 
     @property
     def gap(self) -> tuple[int, bool]:
-        """(days, whether they are business days)."""
-        return parse_gap(self.retry_after)
+        """(days, whether they are business days) before the next try."""
+        return parse_gap(self.retry_after or "0 days")
+
+    @property
+    def ends(self) -> bool:
+        return self.exit or self.then is not None
 
 
-class Step(_Model):
-    day: Annotated[
-        int,
-        Field(
-            strict=True,
-            ge=0,
-            le=3650,
-            description="Days after enrollment the touch is due, 0 for the first; steps go in order of day.",
-        ),
-    ]
-    channel: ChannelName = Field(
-        description="How the touch reaches the contact: email, sms, call (a task for a person) or letter."
-    )
+class Option(_Model):
+    channel: ChannelName = Field(description="The channel of this choice.")
     template: Annotated[str, AfterValidator(_template)] = Field(
-        description="What is sent: <channel>/<name>, from templates/, e.g. email/deal-01-proposal-recap."
+        description="The template of this choice: <channel>/<name>."
+    )
+    when: Expression | None = Field(
+        default=None,
+        description="Take this choice when this holds (and the contact can be reached on its channel), e.g. "
+        'contact.seniority == "executive"; the last choice may leave it out: it is the fallback.',
+    )
+
+
+class Variant(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_-]+$")] = Field(
+        description="The variant's name, as reports count it, e.g. a or short-subject."
+    )
+    weight: int = Field(
+        default=1, ge=0, le=1000, description="Its share of contacts, relative to the others."
+    )
+    template: Annotated[str, AfterValidator(_template)] | None = Field(
+        default=None, description="The variant's template; without it, the step's."
+    )
+    channel: ChannelName | None = Field(
+        default=None,
+        description="The variant's channel (then give its template too); without it, the step's.",
+    )
+
+
+class Touchpoint(_Model):
+    """What one touch is: how it reaches the contact, what is sent, and why."""
+
+    channel: ChannelName | None = Field(
+        default=None,
+        description="How the touch reaches the contact: email, sms, call (a task for a person) or letter.",
+    )
+    template: Annotated[str, AfterValidator(_template)] | None = Field(
+        default=None,
+        description="What is sent: <channel>/<name>, from templates/, e.g. email/deal-01-proposal-recap.",
+    )
+    choose: tuple[Option, ...] = Field(
+        default=(),
+        description="Instead of one channel: choices tried in order, the first whose `when` holds and whose "
+        "channel reaches the contact wins (paper for senior contacts, else email).",
+    )
+    variants: tuple[Variant, ...] = Field(
+        default=(),
+        description="Weighted A/B variants of the template and/or channel; each contact gets one, kept on "
+        "the touch for reports.",
     )
     reason: Reason = Field(description="What is new for the contact in this touch: every touch needs one.")
     when: Expression | None = Field(
@@ -322,14 +422,138 @@ class Step(_Model):
         default=None,
         description='Hours for this step alone, e.g. "10:00-12:00"; without it, the calendar\'s.',
     )
-    on_outcome: dict[OutcomeName, Retry] = Field(
+    on_outcome: dict[OutcomeName, OnOutcome] = Field(
         default_factory=dict,
-        description="What an outcome of this touch does to it, e.g. no_answer: {retry_after: 1 business day, "
-        "max: 2}.",
+        description="What an outcome of this touch does: no_answer: {retry_after: 1 business day, max: 2}; "
+        "meeting_booked: {then: post-meeting}; replied: {exit: true}.",
+    )
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Touchpoint:
+        if self.choose and (self.channel or self.template):
+            raise ValueError("give `channel` and `template`, or `choose`, not both")
+        if not self.choose and (self.channel is None or self.template is None):
+            raise ValueError("a touch needs `channel` and `template` (or `choose`: a list of them)")
+        if self.choose and self.variants:
+            raise ValueError("`variants` and `choose` do not mix: vary the template of one channel")
+        if self.variants and not any(v.weight for v in self.variants):
+            raise ValueError("every variant has weight 0: give at least one a weight")
+        if len({v.name for v in self.variants}) < len(self.variants):
+            raise ValueError("two variants share a name")
+        return self
+
+    def options(self) -> tuple[Option, ...]:
+        """The (channel, template) choices, in order; a plain touch has one."""
+        if self.choose:
+            return self.choose
+        return (Option(channel=self.channel or "email", template=self.template or "email/x"),)
+
+    def channels(self) -> set[str]:
+        """Every channel this touch may go out on."""
+        found = {o.channel for o in self.options()}
+        return found | {v.channel for v in self.variants if v.channel}
+
+    def uses(self, path: tuple[str | int, ...]) -> list[tuple[tuple[str | int, ...], str, str]]:
+        """Every (where in the file, channel, template) this touch may send, for checks."""
+        if self.choose:
+            return [
+                ((*path, "choose", j, "template"), o.channel, o.template) for j, o in enumerate(self.choose)
+            ]
+        found: list[tuple[tuple[str | int, ...], str, str]] = [
+            ((*path, "template"), self.channel or "email", self.template or "")
+        ]
+        for j, v in enumerate(self.variants):
+            if v.template:
+                found.append(
+                    ((*path, "variants", j, "template"), v.channel or self.channel or "email", v.template)
+                )
+        return found
+
+
+class Step(Touchpoint):
+    day: Annotated[
+        int | None,
+        Field(
+            default=None,
+            strict=True,
+            ge=0,
+            le=3650,
+            description="Days after enrollment the touch is due, 0 for the first; steps go in order of day.",
+        ),
+    ]
+    after: Gap | None = Field(
+        default=None,
+        description="Instead of `day`: the gap after the previous touch went out, e.g. '3 days', "
+        "'2 business days', '1 week'.",
+    )
+
+    @model_validator(mode="after")
+    def _one_timing(self) -> Step:
+        if (self.day is None) == (self.after is None):
+            raise ValueError("a step is due either on a `day` after enrollment or `after` the previous touch")
+        return self
+
+    @property
+    def gap(self) -> tuple[int, bool]:
+        """For an `after` step: (days, whether they are business days) after the previous touch."""
+        return parse_gap(self.after or "0 days")
+
+
+_EVERY = re.compile(r"^\s*(\d+)\s*(business\s+)?(day|days|week|weeks|month|months)\s*$")
+
+
+def parse_every(text: str) -> tuple[int, bool]:
+    """`1 week`, `2 weeks`, `10 days`, `1 month` (30 days), `5 business days` -> (days, business or not)."""
+    match = _EVERY.match(text)
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"{text!r} is not a period such as '1 week', '10 days' or '1 month'")
+    unit = match.group(3).rstrip("s")
+    return int(match.group(1)) * {"day": 1, "week": 7, "month": 30}[unit], bool(match.group(2))
+
+
+def _every(text: str) -> str:
+    parse_every(text)
+    return text
+
+
+class Repeat(_Model):
+    every: Annotated[str, AfterValidator(_every)] = Field(
+        description="The gap between repeated touches, after the last step: '1 week', '10 days', '1 month'."
+    )
+    until: Expression | None = Field(
+        default=None,
+        description='Stop repeating when this holds, e.g. deal.status == "won" ("until they buy").',
+    )
+    times: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="Repeat at most this many touches; without it, until `until`.",
+    )
+    content: Annotated[
+        tuple[Touchpoint, ...],
+        Field(min_length=1, description="The touches repeated in turn, each with its own reason."),
+    ]
+
+    @property
+    def gap(self) -> tuple[int, bool]:
+        return parse_every(self.every)
+
+
+class Budget(_Model):
+    per_month: int = Field(
+        ge=1, le=100, description="Touches of this cadence per contact per calendar month, at most."
     )
 
 
 class CadenceSpec(_Model):
+    # Editors learn the rule the validator below enforces: steps, a repeat, or both.
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        json_schema_extra={"anyOf": [{"required": ["steps"]}, {"required": ["repeat"]}]},
+    )
+
     cadence: CadenceName = Field(
         description="The cadence's name: lowercase letters, digits and dashes, e.g. open-deal."
     )
@@ -354,7 +578,54 @@ class CadenceSpec(_Model):
     calendar: Calendar = Field(
         default=Calendar(), description="When touches may go out: working days, hours, time zone, holidays."
     )
-    steps: Annotated[tuple[Step, ...], Field(min_length=1, description="The touches, in order of day.")]
+    steps: tuple[Step, ...] = Field(default=(), min_length=1, description="The touches, in order.")
+    repeat: Repeat | None = Field(
+        default=None,
+        description="After the steps, touches repeated every so often, rotating through content, until a "
+        "goal holds: the nurture of the second touch system.",
+    )
+    budget: Budget | None = Field(
+        default=None,
+        description="How many of this cadence's touches one contact gets in a month, at most; a touch over "
+        "budget waits for the next month.",
+    )
+
+    @model_validator(mode="after")
+    def _has_touches(self) -> CadenceSpec:
+        if not self.steps and self.repeat is None:
+            raise ValueError("a cadence needs `steps`, a `repeat`, or both")
+        return self
+
+    def touchpoint(self, index: int) -> Touchpoint | None:
+        """Touch number `index`: a step, then the repeat's content in turn; None past the end."""
+        if index < len(self.steps):
+            return self.steps[index]
+        if self.repeat is None:
+            return None
+        turn = index - len(self.steps)
+        if self.repeat.times is not None and turn >= self.repeat.times:
+            return None
+        return self.repeat.content[turn % len(self.repeat.content)]
+
+    def transitions(self) -> list[tuple[tuple[str | int, ...], str, str]]:
+        """Every (where in the file, outcome, cadence it moves the contact into): `then`, and steps' own."""
+        found: list[tuple[tuple[str | int, ...], str, str]] = [
+            (("then", outcome), outcome, target) for outcome, target in self.then.targets().items()
+        ]
+        for path, point in self.touchpoints():
+            for outcome, rule in point.on_outcome.items():
+                if rule.then:
+                    found.append(((*path, "on_outcome", outcome, "then"), outcome, rule.then))
+        return found
+
+    def touchpoints(self) -> list[tuple[tuple[str | int, ...], Touchpoint]]:
+        """Every touch written in the file with its path there, for checks."""
+        found: list[tuple[tuple[str | int, ...], Touchpoint]] = [
+            (("steps", i), s) for i, s in enumerate(self.steps)
+        ]
+        if self.repeat is not None:
+            found += [(("repeat", "content", i), c) for i, c in enumerate(self.repeat.content)]
+        return found
 
 
 @dataclass(frozen=True)
@@ -375,41 +646,95 @@ class Parsed:
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
 
 
-def parse(text: str, file: str) -> Parsed:
-    """Validate one cadence file; raises RulesError carrying every problem with its position."""
-    spec, located = validate(text, file, CadenceSpec, "a mapping with `cadence:` and `steps:`")
-    problems = []
-    previous_day = 0
+def _step_problems(spec: CadenceSpec) -> list[tuple[tuple[str | int, ...], str, str | None]]:
+    """What is wrong across steps: (path, message, hint)."""
+    found: list[tuple[tuple[str | int, ...], str, str | None]] = []
+    previous_day, relative = 0, False
     for i, step in enumerate(spec.steps):
-        if step.day < previous_day:
-            line, column = located.where(("steps", i, "day"))
-            problems.append(
-                Problem(file, line, column, f"steps.{i}.day goes back in time", "steps run in order of `day`")
-            )
-        previous_day = step.day
-        opens, closes = step.window or spec.calendar.window or (time.min, time.max)
-        if step.at is not None and not opens <= step.at <= closes:
-            line, column = located.where(("steps", i, "at"))
-            problems.append(
-                Problem(
-                    file,
-                    line,
-                    column,
-                    f"steps.{i}.at {step.at:%H:%M} is outside its window {opens:%H:%M}-{closes:%H:%M}",
+        if step.day is not None:
+            if relative:
+                found.append(
+                    (
+                        ("steps", i, "day"),
+                        f"steps.{i} counts `day` from enrollment after a step placed `after` "
+                        "the one before it",
+                        "use `after` for this step too",
+                    )
+                )
+            elif step.day < previous_day:
+                found.append(
+                    (("steps", i, "day"), f"steps.{i}.day goes back in time", "steps run in order of `day`")
+                )
+            previous_day = max(previous_day, step.day)
+        else:
+            relative = True
+    for path, point in spec.touchpoints():
+        name = ".".join(str(p) for p in path)
+        opens, closes = point.window or spec.calendar.window or (time.min, time.max)
+        if point.at is not None and not opens <= point.at <= closes:
+            found.append(
+                (
+                    (*path, "at"),
+                    f"{name}.at {point.at:%H:%M} is outside its window {opens:%H:%M}-{closes:%H:%M}",
                     "move `at` inside the window, or widen the window",
                 )
             )
-        if not step.template.startswith(f"{step.channel}/"):
-            line, column = located.where(("steps", i, "template"))
-            problems.append(
-                Problem(
-                    file,
-                    line,
-                    column,
-                    f"steps.{i}.template is outside its channel's folder",
-                    f"write {step.channel}/<name>",
+        if (
+            point.template is not None
+            and point.channel
+            and not point.template.startswith(f"{point.channel}/")
+        ):
+            found.append(
+                (
+                    (*path, "template"),
+                    f"{name}.template is outside its channel's folder",
+                    f"write {point.channel}/<name>",
                 )
             )
+        for j, option in enumerate(point.choose):
+            if not option.template.startswith(f"{option.channel}/"):
+                found.append(
+                    (
+                        (*path, "choose", j, "template"),
+                        f"{name}.choose.{j}.template is outside its channel's folder",
+                        f"write {option.channel}/<name>",
+                    )
+                )
+            if option.when is None and j < len(point.choose) - 1:
+                found.append(
+                    (
+                        (*path, "choose", j),
+                        f"{name}.choose.{j} has no `when`, so the choices after it are never taken",
+                        "give it a `when`, or move it last",
+                    )
+                )
+        for j, variant in enumerate(point.variants):
+            if variant.channel and not variant.template:
+                found.append(
+                    (
+                        (*path, "variants", j),
+                        f"{name}.variants.{j} changes the channel but not the template",
+                        f"give it a {variant.channel}/<name> template",
+                    )
+                )
+            channel = variant.channel or point.channel
+            if variant.template and channel and not variant.template.startswith(f"{channel}/"):
+                found.append(
+                    (
+                        (*path, "variants", j, "template"),
+                        f"{name}.variants.{j}.template is outside its channel's folder",
+                        f"write {channel}/<name>",
+                    )
+                )
+    return found
+
+
+def parse(text: str, file: str) -> Parsed:
+    """Validate one cadence file; raises RulesError carrying every problem with its position."""
+    spec, located = validate(text, file, CadenceSpec, "a mapping with `cadence:` and `steps:`")
+    problems = [
+        Problem(file, *located.where(path), message, hint) for path, message, hint in _step_problems(spec)
+    ]
     if problems:
         raise RulesError(problems)
     return Parsed(spec, file, text, located)

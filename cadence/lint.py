@@ -9,7 +9,7 @@ import re
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,11 @@ from cadence import rules as ruleset
 from cadence import sandbox, timing
 from cadence.engine import contact_view, deal_view, enrollment_view, touch_view
 from cadence.errors import Problem, RulesError
-from cadence.language import Parsed, Step
+from cadence.language import Parsed, Touchpoint
 from cadence.models import Contact, Deal, Enrollment, Touch
 from cadence.policy import Policy
 from cadence.settings import Settings
-from cadence.simulate import simulate
+from cadence.simulate import project
 from channels import PARTS
 
 #: Touches the average client needs before buying (the multiple-touch system).
@@ -88,7 +88,7 @@ def _warning(parsed: Parsed, path: tuple[str | int, ...], message: str, hint: st
 
 
 def _way_back(rules: ruleset.RuleSet, start: str, goal: str) -> list[tuple[str, str]] | None:
-    """The shortest chain of `then` hops (cadence, outcome) from `start` to `goal`, or None."""
+    """The shortest chain of transitions (cadence, where it is written) from `start` to `goal`, or None."""
     came_from: dict[str, tuple[str, str] | None] = {start: None}
     queue = deque([start])
     while queue:
@@ -99,9 +99,9 @@ def _way_back(rules: ruleset.RuleSet, start: str, goal: str) -> list[tuple[str, 
                 hops.insert(0, hop)
                 name = hop[0]
             return hops
-        for outcome, target in rules.get(name).then.targets().items():
+        for where, _, target in rules.get(name).transitions():
             if target not in came_from:
-                came_from[target] = (name, outcome)
+                came_from[target] = (name, ".".join(str(p) for p in where))
                 queue.append(target)
     return None
 
@@ -109,17 +109,18 @@ def _way_back(rules: ruleset.RuleSet, start: str, goal: str) -> list[tuple[str, 
 def _cycle_problems(rules: ruleset.RuleSet) -> list[Problem]:
     problems = []
     for name, parsed in rules.cadences.items():
-        for outcome, target in parsed.spec.then.targets().items():
+        for where, _, target in parsed.spec.transitions():
             back = _way_back(rules, target, name)
             if back is None:
                 continue
-            hops = [(name, outcome), *back]
-            cycle = " → ".join(f"{cadence} (then.{via})" for cadence, via in hops) + f" → {name}"
+            written = ".".join(str(p) for p in where)
+            hops = [(name, written), *back]
+            cycle = " → ".join(f"{cadence} ({via})" for cadence, via in hops) + f" → {name}"
             problems.append(
                 Problem(
                     parsed.file,
-                    *parsed.where(("then", outcome)),
-                    f"then.{outcome} closes a cycle: {cycle}",
+                    *parsed.where(where),
+                    f"{written} closes a cycle: {cycle}",
                     "a contact would go round these cadences for ever; end the chain in a cadence without "
                     "a `then` for that outcome",
                 )
@@ -130,9 +131,8 @@ def _cycle_problems(rules: ruleset.RuleSet) -> list[Problem]:
 # --- templates ------------------------------------------------------------------------------------------
 
 
-def _sample_context(parsed: Parsed, index: int) -> dict[str, Any]:
+def _sample_context(parsed: Parsed, point: Touchpoint, channel: str, template: str) -> dict[str, Any]:
     """A touch's template context as dispatch builds it, for a contact and deal with every field filled."""
-    step = parsed.spec.steps[index]
     started = datetime.combine(SAMPLE_START, time(9), tzinfo=UTC)
     contact = Contact(
         id=17,
@@ -179,16 +179,16 @@ def _sample_context(parsed: Parsed, index: int) -> dict[str, Any]:
                 started_at=started,
             )
         ),
-        "reason": step.reason,
+        "reason": point.reason,
         "sender": sender,
         "touch": touch_view(
             Touch(
                 id=1,
                 enrollment_id=1,
-                step_index=index,
-                channel=step.channel,
-                template=step.template,
-                reason=step.reason,
+                step_index=0,
+                channel=channel,
+                template=template,
+                reason=point.reason,
                 due_at=started,
             )
         ),
@@ -197,18 +197,17 @@ def _sample_context(parsed: Parsed, index: int) -> dict[str, Any]:
 
 def _template_problems(parsed: Parsed, env: jinja2.Environment) -> list[Problem]:
     problems = []
-    for index, step in enumerate(parsed.spec.steps):
-        context = _sample_context(parsed, index)
-        for ext in PARTS[step.channel].values():
-            name = f"{step.template}{ext}"
-            try:
-                sandbox.render(env, name, context)
-            except sandbox.TemplateError as exc:
-                found = _undefined(env, name, context, exc)
-                message, hint = found if found else (f"template {exc}", None)
-                problems.append(
-                    Problem(parsed.file, *parsed.where(("steps", index, "template")), message, hint)
-                )
+    for path, point in parsed.spec.touchpoints():
+        for where, channel, template in point.uses(path):
+            context = _sample_context(parsed, point, channel, template)
+            for ext in PARTS[channel].values():
+                name = f"{template}{ext}"
+                try:
+                    sandbox.render(env, name, context)
+                except sandbox.TemplateError as exc:
+                    found = _undefined(env, name, context, exc)
+                    message, hint = found if found else (f"template {exc}", None)
+                    problems.append(Problem(parsed.file, *parsed.where(where), message, hint))
     return problems
 
 
@@ -269,25 +268,38 @@ def _unknown_key(tree: nodes.Template, key: str, context: Mapping[str, Any]) -> 
 # --- the sales rules (warnings) -------------------------------------------------------------------------
 
 
-def _may_skip(step: Step) -> bool:
+def _may_skip(point: Touchpoint) -> bool:
     """Whether a condition may skip the touch for some contacts."""
-    return step.when is not None or step.skip_when is not None
+    if point.choose and all(option.when for option in point.choose):
+        return True
+    return point.when is not None or point.skip_when is not None
 
 
-def _timeline(parsed: Parsed) -> list[date]:
-    """Each step's local due date for a contact with no fields, enrolled at SAMPLE_START's midnight."""
+def _timeline(parsed: Parsed, days: int | None = None) -> list[tuple[int, date]]:
+    """(touch number, local due date) for a contact with no fields, enrolled at SAMPLE_START's midnight:
+    the steps, and a repeat's touches for `days` days."""
     spec = parsed.spec
     # With no contact zone and no cadence zone, the service default applies; dates are the same in any.
     zone = timing.zone_for(None, spec.calendar, "UTC")
     start = datetime.combine(SAMPLE_START, time(), tzinfo=zone)
-    return [row.local.date() for row in simulate(spec, start, {}, None, "UTC")]
+    until = start + timedelta(days=days) if days is not None else None
+    return [(row.step, row.local.date()) for row in project(spec, start, {}, None, "UTC", until=until)]
+
+
+def _where(parsed: Parsed, index: int) -> tuple[str | int, ...]:
+    """Where touch number `index` is written: a step, or an item of the repeat's content."""
+    steps = len(parsed.spec.steps)
+    if index < steps:
+        return ("steps", index)
+    assert parsed.spec.repeat is not None
+    return ("repeat", "content", (index - steps) % len(parsed.spec.repeat.content))
 
 
 def _decision_problems(parsed: Parsed) -> list[Problem]:
-    steps = parsed.spec.steps
-    dates = _timeline(parsed)
-    inside = [i for i, day in enumerate(dates) if (day - dates[0]).days <= DECISION_WINDOW_DAYS]
-    sure = [i for i in inside if not _may_skip(steps[i])]
+    spec = parsed.spec
+    dates = _timeline(parsed, DECISION_WINDOW_DAYS + 7)
+    inside = [i for i, day in dates if (day - dates[0][1]).days <= DECISION_WINDOW_DAYS]
+    sure = [i for i in inside if not _may_skip(spec.touchpoint(i))]  # type: ignore[arg-type]
     if len(sure) >= DECISION_TOUCHES:
         return []
     within = f"within {DECISION_WINDOW_DAYS} days of the first touch"
@@ -312,23 +324,31 @@ def _decision_problems(parsed: Parsed) -> list[Problem]:
 
 
 def _nurture_problems(parsed: Parsed) -> list[Problem]:
-    steps = parsed.spec.steps
-    dates = _timeline(parsed)
-    sure = [i for i, step in enumerate(steps) if not _may_skip(step)]
+    spec = parsed.spec
+    dates = dict(_timeline(parsed, 3 * 365 if spec.repeat else None))
+    sure = [i for i in dates if not _may_skip(spec.touchpoint(i))]  # type: ignore[arg-type]
     problems = []
+    seen: set[tuple[str | int, ...]] = set()
     for before, after in itertools.pairwise(sure):
         gap = (dates[after] - dates[before]).days
-        if gap <= NURTURE_MAX_GAP_DAYS:
+        where = _where(parsed, after)
+        if gap <= NURTURE_MAX_GAP_DAYS or where in seen:
             continue
-        message = f"steps.{after} comes {gap} days after steps.{before}"
-        # Every step in between may be skipped: the gap is there for each contact it skips.
-        between = [f"steps.{i}" for i in range(before + 1, after)]
+        seen.add(where)
+        name, was = ".".join(str(p) for p in where), ".".join(str(p) for p in _where(parsed, before))
+        message = f"{name} comes {gap} days after {was}"
+        # Every touch in between may be skipped: the gap is there for each contact it skips.
+        between = [".".join(str(p) for p in _where(parsed, i)) for i in range(before + 1, after)]
         if between:
             message += f" when {', '.join(between)} {'is' if len(between) == 1 else 'are'} skipped"
+        repeating = after >= len(spec.steps) and spec.repeat is not None
+        pointer = ("repeat", "every") if repeating and not between else (*where, "day")
+        if not repeating and spec.steps[after].after is not None:
+            pointer = (*where, "after")
         problems.append(
             _warning(
                 parsed,
-                ("steps", after, "day"),
+                pointer,
                 f"{message}; a nurture touches at least every {NURTURE_MAX_GAP_DAYS} days",
                 "the second touch system: keep touching until they buy; each missed month costs about 10% "
                 "of the value of the base",
@@ -338,18 +358,19 @@ def _nurture_problems(parsed: Parsed) -> list[Problem]:
 
 
 def _reason_problems(parsed: Parsed) -> list[Problem]:
-    first: dict[str, int] = {}
+    first: dict[str, str] = {}
     problems = []
-    for index, step in enumerate(parsed.spec.steps):
-        said = " ".join(step.reason.casefold().split())
+    for path, point in parsed.spec.touchpoints():
+        name = ".".join(str(p) for p in path)
+        said = " ".join(point.reason.casefold().split())
         if said not in first:
-            first[said] = index
+            first[said] = name
             continue
         problems.append(
             _warning(
                 parsed,
-                ("steps", index, "reason"),
-                f"steps.{index}.reason repeats steps.{first[said]}.reason",
+                (*path, "reason"),
+                f"{name}.reason repeats {first[said]}.reason",
                 "every touch needs a reason with something new for the contact; a touch with nothing new "
                 "is noise",
             )
@@ -363,25 +384,27 @@ def _span(opens: time, closes: time) -> str:
 
 def _quiet_hours_problems(parsed: Parsed, policy: Policy) -> list[Problem]:
     problems = []
-    for index, step in enumerate(parsed.spec.steps):
-        hours = policy.quiet_hours.get(step.channel)
-        window = step.window or parsed.spec.calendar.window
-        opens, closes = window or (time.min, time.max)
-        if hours is None or (hours[0] <= opens and closes <= hours[1]):
-            continue
-        if step.at is not None and hours[0] <= step.at <= hours[1]:
-            continue  # a fixed time inside the hours: the window's other hours are never used
-        whose = "the step's window" if step.window else "the cadence's window"
-        sends = f"{whose} is {_span(opens, closes)}" if window else "the cadence has no window"
-        allowed = _span(*hours)
-        problems.append(
-            _warning(
-                parsed,
-                ("steps", index, "channel"),
-                f"{step.channel} planned inside quiet hours: {sends}, and the policy's quiet_hours allow "
-                f"{step.channel} only {allowed}",
-                f"outside {allowed} in the contact's zone the touch waits for the next allowed hour; "
-                f"narrow the window to fit",
+    for path, point in parsed.spec.touchpoints():
+        for channel in sorted(point.channels()):
+            hours = policy.hours(channel)
+            window = point.window or parsed.spec.calendar.window
+            opens, closes = window or (time.min, time.max)
+            if hours is None or (hours[0] <= opens and closes <= hours[1]):
+                continue
+            if point.at is not None and hours[0] <= point.at <= hours[1]:
+                continue  # a fixed time inside the hours: the window's other hours are never used
+            whose = "the step's window" if point.window else "the cadence's window"
+            sends = f"{whose} is {_span(opens, closes)}" if window else "the cadence has no window"
+            allowed = _span(*hours)
+            where = (*path, "channel") if point.channel else (*path, "choose")
+            problems.append(
+                _warning(
+                    parsed,
+                    where,
+                    f"{channel} planned inside quiet hours: {sends}, and the policy's quiet_hours allow "
+                    f"{channel} only {allowed}",
+                    f"outside {allowed} in the contact's zone the touch waits for the next allowed hour; "
+                    f"narrow the window to fit",
+                )
             )
-        )
     return problems

@@ -140,6 +140,7 @@ class Touch(SQLModel, table=True):
     iteration: int = 0
     channel: str = Field(max_length=16)
     template: str
+    variant: str | None = Field(default=None, max_length=32, description="the A/B variant it was given")
     reason: str
     due_at: datetime = _when()
     status: str = Field(default=TouchStatus.planned, max_length=16)

@@ -58,6 +58,10 @@ def _default_quiet_hours() -> dict[ChannelName, tuple[time, time]]:
     return {"sms": (time(9), time(20))}
 
 
+def _default_consent() -> dict[ChannelName, str]:
+    return {"sms": "contact.sms_consent"}
+
+
 class Policy(_Model):
     """What applies to every cadence; with no policy file, these defaults."""
 
@@ -69,10 +73,23 @@ class Policy(_Model):
         description="Local hours a channel may reach a contact, per channel; outside them it stays quiet.",
     )
     caps: Caps = Field(default_factory=Caps, description="How often one contact may be touched at all.")
+    consent: dict[ChannelName, Expression] = Field(
+        default_factory=_default_consent,
+        description="What must hold before a channel may reach a contact, per channel, e.g. "
+        "sms: contact.sms_consent; a touch without it is skipped, or goes by the step's next choice.",
+    )
     call_priority: Expression = Field(
         default="(deal.probability or 0) * (deal.amount or 0)",
         description="Orders the call list, highest first; an expression over contact and deal.",
     )
+
+    def hours(self, channel: str) -> tuple[time, time] | None:
+        """The local hours `channel` may reach a contact, or None for any hour."""
+        return {str(name): hours for name, hours in self.quiet_hours.items()}.get(channel)
+
+    def consent_for(self, channel: str) -> str | None:
+        """What must hold before `channel` may reach a contact, or None."""
+        return {str(name): rule for name, rule in self.consent.items()}.get(channel)
 
     def blocking(self, outcome: str) -> list[BlockRule]:
         return [rule for rule in self.blocks if rule.after == outcome]

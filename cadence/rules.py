@@ -48,46 +48,47 @@ def _display(path: Path) -> str:
 
 def _check_templates(parsed: Parsed, templates_dir: Path, env: jinja2.Environment) -> list[Problem]:
     problems = []
-    for i, step in enumerate(parsed.spec.steps):
-        line, column = parsed.where(("steps", i, "template"))
-        for ext in PARTS[step.channel].values():
-            name = f"{step.template}{ext}"
-            try:
-                env.get_template(name)
-            except jinja2.TemplateNotFound:
-                problems.append(
-                    Problem(
-                        parsed.file,
-                        line,
-                        column,
-                        f"template file {name} not found in {templates_dir}",
-                        f"create {templates_dir / name}",
+    for path, point in parsed.spec.touchpoints():
+        for where, channel, template in point.uses(path):
+            line, column = parsed.where(where)
+            for ext in PARTS[channel].values():
+                name = f"{template}{ext}"
+                try:
+                    env.get_template(name)
+                except jinja2.TemplateNotFound:
+                    problems.append(
+                        Problem(
+                            parsed.file,
+                            line,
+                            column,
+                            f"template file {name} not found in {templates_dir}",
+                            f"create {templates_dir / name}",
+                        )
                     )
-                )
-            except jinja2.TemplateSyntaxError as exc:
-                problems.append(Problem(parsed.file, line, column, f"{name}:{exc.lineno}: {exc.message}"))
+                except jinja2.TemplateSyntaxError as exc:
+                    problems.append(Problem(parsed.file, line, column, f"{name}:{exc.lineno}: {exc.message}"))
     return problems
 
 
 def _check_quiet_hours(parsed: Parsed, policy: Policy) -> list[Problem]:
     problems = []
-    for i, step in enumerate(parsed.spec.steps):
-        hours = policy.quiet_hours.get(step.channel)
-        if hours is None:
-            continue
-        try:
-            timing.for_step(parsed.spec.calendar, step.window, hours)
-        except ValueError as exc:
-            line, column = parsed.where(("steps", i, "channel"))
-            problems.append(
-                Problem(
-                    parsed.file,
-                    line,
-                    column,
-                    f"steps.{i}: the policy's {step.channel} {exc}",
-                    "widen the cadence's window or the policy's quiet_hours",
+    for path, point in parsed.spec.touchpoints():
+        for channel in sorted(point.channels()):
+            hours = policy.hours(channel)
+            if hours is None:
+                continue
+            try:
+                timing.for_step(parsed.spec.calendar, point.window, hours)
+            except ValueError as exc:
+                name = ".".join(str(p) for p in path)
+                problems.append(
+                    Problem(
+                        parsed.file,
+                        *parsed.where((*path, "channel") if point.channel else (*path, "choose")),
+                        f"{name}: the policy's {channel} {exc}",
+                        "widen the cadence's window or the policy's quiet_hours",
+                    )
                 )
-            )
     return problems
 
 
@@ -124,15 +125,15 @@ def load(paths: Iterable[Path], templates_dir: Path) -> RuleSet:
     for one in parsed.values():
         problems.extend(_check_quiet_hours(one, policy))
     for one in parsed.values():
-        for outcome, target in one.spec.then.targets().items():
+        for where, _, target in one.spec.transitions():
             if target not in parsed:
-                line, column = one.where(("then", outcome))
+                line, column = one.where(where)
                 problems.append(
                     Problem(
                         one.file,
                         line,
                         column,
-                        f"then.{outcome} names unknown cadence {target!r}",
+                        f"{'.'.join(str(p) for p in where)} names unknown cadence {target!r}",
                         f"known cadences: {', '.join(sorted(parsed)) or 'none'}",
                     )
                 )

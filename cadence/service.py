@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import threading
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 from dramatiq import Worker
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from cadence import broker as brokers
+from cadence import diff, sandbox, store
 from cadence import rules as ruleset
-from cadence import sandbox, store
 from cadence.clock import Clock, system_clock
 from cadence.dispatch import Dispatcher
-from cadence.engine import Engine
+from cadence.engine import Engine, pick_variant, stable_fraction
+from cadence.errors import RulesError
 from cadence.inbox import Inbox
+from cadence.language import CadenceSpec
 from cadence.metrics import Metrics
 from cadence.models import Contact, Enrollment, EnrollmentStatus, Outcome, Touch
 from cadence.rules import RuleSet
@@ -29,6 +34,9 @@ from channels.letter import LetterOutbox
 from channels.sms import SmsOutbox
 
 log = logging.getLogger(__name__)
+
+#: Touches of a repeat a timeline shows ahead.
+PROJECTED_REPEATS = 3
 
 
 def build_channels(settings: Settings, db: Any, clock: Clock) -> dict[str, Channel]:
@@ -50,6 +58,7 @@ class Service:
         self.db = store.create_engine(settings.database_url)
         store.migrate(self.db)
         self._rules = self._load_rules()
+        self._reloading = threading.RLock()
         self.engine = Engine(lambda: self._rules, settings.default_timezone)
         self.channels = build_channels(settings, self.db, clock)
         self.templates = sandbox.template_environment(settings.templates_dir)
@@ -72,6 +81,7 @@ class Service:
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._worker: Worker | None = None
+        self._hangup: Any = None
 
     @property
     def rules(self) -> RuleSet:
@@ -80,10 +90,32 @@ class Service:
     def _load_rules(self) -> RuleSet:
         return ruleset.load([self.settings.rules_dir], self.settings.templates_dir)
 
-    def reload_rules(self) -> RuleSet:
-        """Load the rules again; on any error the loaded ones stay in force and the error is raised."""
-        self._rules = self._load_rules()
-        return self._rules
+    def reload_rules(self) -> diff.RulesDiff:
+        """Load the rules again, all or nothing: on any error the loaded ones stay in force and the error is
+        raised. Returns what changed; running enrollments keep the version they started on."""
+        with self._reloading:
+            old = self._rules
+            try:
+                new = self._load_rules()
+            except RulesError as exc:
+                log.error("rules not reloaded", extra={"problems": [str(p) for p in exc.problems]})
+                raise
+            self._rules = new
+        changes = diff.compare_rules(old, new)
+        moved = [f"{c.name} {c.status}" for c in changes.cadences if c.status != "unchanged"]
+        log.info("rules reloaded", extra={"cadences": moved, "policy_changed": bool(changes.policy)})
+        return changes
+
+    def _reload_on_hangup(self) -> None:
+        """SIGHUP reloads the rules; a failed reload is logged and the loaded rules stay. Signals reach only
+        the main thread, so a process listens when its worker or scheduler was started there."""
+        if self._hangup is not None or threading.current_thread() is not threading.main_thread():
+            return
+        self._hangup = signal.signal(signal.SIGHUP, self._on_hangup) or signal.SIG_DFL
+
+    def _on_hangup(self, signum: int, frame: Any) -> None:
+        with contextlib.suppress(RulesError):  # reload_rules has logged it
+            self.reload_rules()
 
     def timeline(self, enrollment_id: int) -> dict[str, Any] | None:
         """The enrollment's touches as stored, the steps still to come by the cadence's days, its outcomes."""
@@ -109,6 +141,7 @@ class Service:
                     "iteration": t.iteration,
                     "channel": t.channel,
                     "template": t.template,
+                    "variant": t.variant,
                     "reason": t.reason,
                     "due_at": t.due_at,
                     "status": t.status,
@@ -118,23 +151,7 @@ class Service:
                 for t in touches
             ]
             if enrollment.status == EnrollmentStatus.active:
-                contact = s.get_one(Contact, enrollment.contact_id)
-                for index in range(max((t.step_index for t in touches), default=-1) + 1, len(spec.steps)):
-                    step = spec.steps[index]
-                    items.append(
-                        {
-                            "touch_id": None,
-                            "step": index,
-                            "iteration": 0,
-                            "channel": step.channel,
-                            "template": step.template,
-                            "reason": step.reason,
-                            "due_at": self.engine.due(spec, contact, enrollment.started_at, index),
-                            "status": "projected",
-                            "status_reason": step.when and f"if {step.when}",
-                            "outcomes": [],
-                        }
-                    )
+                items += self._projected(s, spec, enrollment, touches)
             return {
                 "id": enrollment.id,
                 "cadence": enrollment.cadence_name,
@@ -153,6 +170,43 @@ class Service:
                 ],
             }
 
+    def _projected(
+        self, s: Session, spec: CadenceSpec, enrollment: Enrollment, touches: Sequence[Touch]
+    ) -> list[dict[str, Any]]:
+        """The touches still to come, as planning would place them one after another: the remaining steps
+        and the next few of a repeat."""
+        contact = s.get_one(Contact, enrollment.contact_id)
+        first = max((t.step_index for t in touches), default=-1) + 1
+        previous = max((t.due_at for t in touches), default=enrollment.started_at)
+        items: list[dict[str, Any]] = []
+        index = first
+        while (point := spec.touchpoint(index)) is not None and index < len(spec.steps) + PROJECTED_REPEATS:
+            variant = pick_variant(point.variants, stable_fraction(enrollment.id, index))
+            option = point.options()[0]
+            channel = (variant and variant.channel) or option.channel
+            previous = self.engine.due(spec, contact, enrollment, index, channel, previous)
+            conditions = [
+                f"if {point.when}" if point.when else "",
+                f"unless {point.skip_when}" if point.skip_when else "",
+            ]
+            items.append(
+                {
+                    "touch_id": None,
+                    "step": index,
+                    "iteration": 0,
+                    "channel": channel if not point.choose else " or ".join(o.channel for o in point.choose),
+                    "template": (variant and variant.template) or option.template,
+                    "variant": variant.name if variant else None,
+                    "reason": point.reason,
+                    "due_at": previous,
+                    "status": "projected",
+                    "status_reason": "; ".join(c for c in conditions if c) or None,
+                    "outcomes": [],
+                }
+            )
+            index += 1
+        return items
+
     def _queue(self, touch_id: int) -> None:
         self.actor.send(touch_id)
 
@@ -162,6 +216,7 @@ class Service:
             self.broker, worker_threads=threads or self.settings.worker_threads, worker_timeout=poll_ms
         )
         self._worker.start()
+        self._reload_on_hangup()
         return self._worker
 
     def start_scheduler(self) -> threading.Thread:
@@ -173,9 +228,13 @@ class Service:
         )
         thread.start()
         self._threads.append(thread)
+        self._reload_on_hangup()
         return thread
 
     def stop(self) -> None:
+        if self._hangup is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, self._hangup)
+            self._hangup = None
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=10)

@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     webhook_secret: str | None = None
     #: Seconds a signed webhook's timestamp may differ from now.
     webhook_tolerance_seconds: int = 300
+    #: Bearer token for the admin endpoints (POST /rules/reload); unset allows them from loopback only.
+    admin_token: str | None = None
     #: Seconds between scheduler ticks.
     scheduler_interval_seconds: float = 5.0
     #: Touches claimed per scheduler transaction.

@@ -132,3 +132,13 @@ def due_at(start: datetime, day: int, calendar: Calendar, zone: ZoneInfo, at: ti
         target = _next_open_day(target + timedelta(days=1), calendar)
         due = datetime.combine(target, wall, tzinfo=zone).astimezone(UTC)
     return due
+
+
+def spread(due: datetime, offset_seconds: float, calendar: Calendar, zone: ZoneInfo) -> datetime:
+    """`due` moved later by up to `offset_seconds`, staying on its local day and inside its window."""
+    local = due.astimezone(zone)
+    _, closes = calendar.window or (_DAY_START, _DAY_END)
+    room = (datetime.combine(local.date(), closes, tzinfo=zone) - local).total_seconds()
+    if room <= 0:
+        return due
+    return due + timedelta(seconds=int(offset_seconds % room if offset_seconds >= room else offset_seconds))

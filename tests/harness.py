@@ -53,6 +53,7 @@ def deal_event(
             "name": "Anna Petrova",
             "email": "anna@example.com",
             "phone": "+79161234567",
+            "sms_consent": True,
             "timezone": "Europe/Moscow",
             "country": "RU",
             "address": "Tverskaya 1\n125009 Moscow",

@@ -388,15 +388,21 @@ def all_channels(tmp_path: Path, db: sa.Engine) -> dict[str, Channel]:
 
 
 @pytest.mark.parametrize(
-    ("channel", "field"), [("email", "email"), ("sms", "phone"), ("call", "phone"), ("letter", "address")]
+    ("channel", "field", "said"),
+    [
+        ("email", "email", "email"),
+        ("sms", "phone", "mobile number"),
+        ("call", "phone", "phone"),
+        ("letter", "address", "address"),
+    ],
 )
 @pytest.mark.parametrize("absent", [None, ""], ids=["missing", "empty"])
 def test_missing_names_the_field_a_channel_cannot_do_without(
-    all_channels: dict[str, Channel], channel: str, field: str, absent: str | None
+    all_channels: dict[str, Channel], channel: str, field: str, said: str, absent: str | None
 ) -> None:
     contact = {**CONTACT, field: absent}
 
-    assert all_channels[channel].missing(contact) == f"contact has no {field}"
+    assert all_channels[channel].missing(contact) == f"contact has no {said}"
 
 
 @pytest.mark.parametrize("channel", ["email", "sms", "call", "letter"])

@@ -41,6 +41,23 @@ def simulate_json(runner: CliRunner, *args: str) -> list[dict[str, Any]]:
     return rows
 
 
+def touches(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if e["kind"] == "touch"]
+
+
+#: A contact every channel reaches.
+REACHABLE = {
+    "email": "anna@example.com",
+    "phone": "+79161234567",
+    "sms_consent": True,
+    "address": "Tverskaya 1, Moscow",
+}
+
+
+def contact(**fields: Any) -> str:
+    return json.dumps({**REACHABLE, **fields})
+
+
 BROKEN = """\
 cadence: broken
 steps:
@@ -142,7 +159,7 @@ EXPECTED_DATES = [
 
 
 def test_simulate_skips_russian_new_year_and_skips_the_letter_for_a_young_contact(runner: CliRunner) -> None:
-    rows = simulate_json(runner, "--start", "2026-12-28", "--contact", '{"age": 30}')
+    rows = touches(simulate_json(runner, "--start", "2026-12-28", "--contact", contact(age=30)))
     assert [row["step"] for row in rows] == list(range(8))
     local = [datetime.fromisoformat(row["local"]) for row in rows]
     assert [t.date() for t in local] == EXPECTED_DATES
@@ -151,22 +168,24 @@ def test_simulate_skips_russian_new_year_and_skips_the_letter_for_a_young_contac
     assert all((t.hour, t.minute) == (9, 0) for t in local)
     letter = [row for row in rows if row["channel"] == "letter"]
     assert len(letter) == 1
-    assert letter[0]["sent"] is False
-    assert letter[0]["note"]
-    assert all(row["sent"] for row in rows if row["channel"] != "letter")
+    assert letter[0]["status"] == "skipped"
+    assert "age" in letter[0]["note"]
+    assert all(row["status"] == "sent" for row in rows if row["channel"] != "letter")
     assert all(row["reason"] for row in rows)
 
 
 def test_simulate_sends_the_letter_to_a_senior_contact(runner: CliRunner) -> None:
-    rows = simulate_json(runner, "--start", "2026-12-28", "--contact", '{"age": 60}')
+    rows = touches(simulate_json(runner, "--start", "2026-12-28", "--contact", contact(age=60)))
     assert [datetime.fromisoformat(row["local"]).date() for row in rows] == EXPECTED_DATES
-    assert all(row["sent"] for row in rows)
-    assert [row["channel"] for row in rows if row["sent"]].count("letter") == 1
+    assert all(row["status"] == "sent" for row in rows)
+    assert [row["channel"] for row in rows].count("letter") == 1
 
 
 def test_simulate_tz_changes_the_local_times_zone(runner: CliRunner) -> None:
-    rows = simulate_json(
-        runner, "--start", "2026-12-28", "--contact", '{"age": 30}', "--tz", "America/New_York"
+    rows = touches(
+        simulate_json(
+            runner, "--start", "2026-12-28", "--contact", contact(age=30), "--tz", "America/New_York"
+        )
     )
     local = [datetime.fromisoformat(row["local"]) for row in rows]
     # New York in winter is UTC-5; the start is midnight there, so day 0 opens at 09:00 New York time.
@@ -174,7 +193,7 @@ def test_simulate_tz_changes_the_local_times_zone(runner: CliRunner) -> None:
     assert all((t.hour, t.minute) == (9, 0) for t in local)
     # The contact has no country, so the cadence's RU holidays still apply.
     assert [t.date() for t in local] == EXPECTED_DATES
-    due = [datetime.fromisoformat(row["due_at"]) for row in rows]
+    due = [datetime.fromisoformat(row["at"]) for row in rows]
     assert [d.hour for d in due] == [14] * 8  # 09:00 EST is 14:00 UTC
 
 

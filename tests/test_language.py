@@ -367,8 +367,7 @@ calendar:
     assert [at(p) for p in problems] == [
         position(text, "fax"),
         position(text, '""'),
-        position(text, "day: 1"),  # steps.1.channel is required: reported at the step that lacks it
-        position(text, "chanel"),
+        position(text, "chanel"),  # the misspelt key, with its hint; the lacking channel follows from it
         position(text, '"18:00-09:00"'),
         position(text, "XX"),
     ]

@@ -96,7 +96,12 @@ def test_an_outcome_the_step_does_not_name_plans_nothing(h: Harness) -> None:
     [
         ("{retry_after: soon, max: 2}", "retry_after"),
         ("{retry_after: 1 day, max: 0}", "max"),
-        ("{max: 2}", "retry_after"),
+        ("{max: 2}", ": a retry needs both `retry_after` and `max`"),
+        (
+            "{retry_after: 1 day, max: 2, exit: true}",
+            ": an outcome either retries the step or ends the cadence",
+        ),
+        ("{}", ": say what the outcome does"),
     ],
 )
 def test_a_bad_retry_is_a_located_error(retry: str, where: str) -> None:
@@ -105,4 +110,4 @@ def test_a_bad_retry_is_a_located_error(retry: str, where: str) -> None:
         parse(text, "calls.yaml")
     [problem] = caught.value.problems
     assert problem.line == 10
-    assert f"steps.0.on_outcome.no_answer.{where}" in problem.message
+    assert f"steps.0.on_outcome.no_answer{where if where.startswith(':') else '.' + where}" in problem.message

@@ -16,7 +16,7 @@ from cadence import rules, sandbox
 from cadence.engine import contact_view_from
 from cadence.errors import Problem, RulesError
 from cadence.language import CadenceSpec, ChannelName
-from cadence.simulate import simulate
+from cadence.simulate import project as simulate
 from channels import PARTS, Channel
 from channels.call import CallTasks
 from channels.email import EmailOutbox

@@ -172,8 +172,9 @@ def test_none_field_renders_through_or_default(templates: Path) -> None:
 
 
 def test_html_templates_autoescape(templates: Path) -> None:
-    out = render_source(templates, "<p>{{ contact.name }}</p>", {"contact": {"name": "<b>Ada</b> & co"}},
-                        name="email/t.html")
+    out = render_source(
+        templates, "<p>{{ contact.name }}</p>", {"contact": {"name": "<b>Ada</b> & co"}}, name="email/t.html"
+    )
     assert out == "<p>&lt;b&gt;Ada&lt;/b&gt; &amp; co</p>"
 
 

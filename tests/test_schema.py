@@ -163,7 +163,6 @@ ONLY_THE_LANGUAGE_REJECTS = {
 }
 
 
-
 @pytest.mark.parametrize("text", ACCEPTED.values(), ids=ACCEPTED.keys())
 def test_both_accept(text: str, validator: Any) -> None:
     parse(text, "x.yaml")

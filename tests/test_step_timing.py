@@ -13,7 +13,7 @@ from cadence import timing
 from cadence.errors import RulesError
 from cadence.language import Calendar, parse
 from cadence.models import TouchStatus
-from cadence.simulate import simulate
+from cadence.simulate import project as simulate
 
 MOSCOW = ZoneInfo("Europe/Moscow")
 #: Monday 2026-11-23, 11:00 in Moscow.

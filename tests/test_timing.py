@@ -237,8 +237,11 @@ def test_day_zero_is_never_before_the_start(name: str, zone: str) -> None:
     calendar, tz = _CALENDARS[name], ZoneInfo(zone)
     late = []
     # Both DST changes, the RU and US New Year, weekends; every 53 minutes hits every time of day.
-    for first in (datetime(2026, 3, 25, tzinfo=UTC), datetime(2026, 10, 28, tzinfo=UTC),
-                  datetime(2026, 12, 27, tzinfo=UTC)):
+    for first in (
+        datetime(2026, 3, 25, tzinfo=UTC),
+        datetime(2026, 10, 28, tzinfo=UTC),
+        datetime(2026, 12, 27, tzinfo=UTC),
+    ):
         for step in range(0, 7 * 24 * 60, 53):
             start = first + timedelta(minutes=step)
             due = timing.due_at(start, 0, calendar, tz)
