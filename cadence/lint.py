@@ -332,9 +332,8 @@ def _nurture_problems(parsed: Parsed) -> list[Problem]:
     for before, after in itertools.pairwise(sure):
         gap = (dates[after] - dates[before]).days
         where = _where(parsed, after)
-        if gap <= NURTURE_MAX_GAP_DAYS or where in seen:
+        if gap <= NURTURE_MAX_GAP_DAYS:
             continue
-        seen.add(where)
         name, was = ".".join(str(p) for p in where), ".".join(str(p) for p in _where(parsed, before))
         message = f"{name} comes {gap} days after {was}"
         # Every touch in between may be skipped: the gap is there for each contact it skips.
@@ -345,6 +344,11 @@ def _nurture_problems(parsed: Parsed) -> list[Problem]:
         pointer = ("repeat", "every") if repeating and not between else (*where, "day")
         if not repeating and spec.steps[after].after is not None:
             pointer = (*where, "after")
+        if repeating and between:
+            pointer = where
+        if pointer in seen:
+            continue  # the repeat comes round again: one warning for each place in the file
+        seen.add(pointer)
         problems.append(
             _warning(
                 parsed,

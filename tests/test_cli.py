@@ -158,7 +158,7 @@ EXPECTED_DATES = [
 ]
 
 
-def test_simulate_skips_russian_new_year_and_skips_the_letter_for_a_young_contact(runner: CliRunner) -> None:
+def test_simulate_skips_russian_new_year_and_emails_the_brief_to_a_young_contact(runner: CliRunner) -> None:
     rows = touches(simulate_json(runner, "--start", "2026-12-28", "--contact", contact(age=30)))
     assert [row["step"] for row in rows] == list(range(8))
     local = [datetime.fromisoformat(row["local"]) for row in rows]
@@ -166,11 +166,10 @@ def test_simulate_skips_russian_new_year_and_skips_the_letter_for_a_young_contac
     assert all(not (date(2026, 12, 31) <= t.date() <= date(2027, 1, 8)) for t in local)
     assert {t.utcoffset() for t in local} == {timedelta(hours=3)}  # Moscow
     assert all((t.hour, t.minute) == (9, 0) for t in local)
-    letter = [row for row in rows if row["channel"] == "letter"]
-    assert len(letter) == 1
-    assert letter[0]["status"] == "skipped"
-    assert "age" in letter[0]["note"]
-    assert all(row["status"] == "sent" for row in rows if row["channel"] != "letter")
+    assert "letter" not in {row["channel"] for row in rows}
+    [brief] = [row for row in rows if row["step"] == 3]
+    assert (brief["channel"], brief["template"]) == ("email", "email/deal-04-executive-brief")
+    assert all(row["status"] == "sent" for row in rows)
     assert all(row["reason"] for row in rows)
 
 

@@ -42,7 +42,8 @@ def test_due_touches_go_out_in_order_each_with_its_reason(cadence: Harness) -> N
         (t.step_index, t.status_reason) for t in touches
     ]
     assert [t.reason for t in touches] == [s["reason"].strip() for s in steps]
-    assert [t.channel for t in touches] == [s["channel"] for s in steps]
+    # The contact is senior: the step that chooses gives its first choice, paper.
+    assert [t.channel for t in touches] == [s.get("channel") or s["choose"][0]["channel"] for s in steps]
     finished = [t.finished_at for t in touches]
     assert finished == sorted(finished)
     assert all(t.finished_at is not None and t.finished_at >= t.due_at for t in touches)
@@ -50,7 +51,7 @@ def test_due_touches_go_out_in_order_each_with_its_reason(cadence: Harness) -> N
 
     outbox = cadence.service.settings.outbox_dir
     emails = sorted((outbox / "email").glob("*.eml"))
-    assert len(emails) == sum(s["channel"] == "email" for s in steps)
+    assert len(emails) == sum(t.channel == "email" for t in touches)
     first = BytesParser(policy=policy.default).parsebytes(
         (outbox / "email" / f"{touches[0].key}.eml").read_bytes()
     )
@@ -69,16 +70,20 @@ def test_due_touches_go_out_in_order_each_with_its_reason(cadence: Harness) -> N
     assert (enrollment.status, enrollment.end_reason) == ("completed", "all steps done")
 
 
-def test_a_letter_is_skipped_with_its_reason_for_a_junior_contact(cadence: Harness) -> None:
+def test_a_junior_contact_gets_the_executive_brief_by_email_not_on_paper(cadence: Harness) -> None:
     body = deal_event()
     body["contact"]["age"] = 31
     cadence.post("/webhooks/generic", body)
     cadence.run_days(35)
-    letter = next(t for t in cadence.touches() if t.channel == "letter")
-    assert letter.status == TouchStatus.skipped
-    assert letter.status_reason is not None and "condition not met" in letter.status_reason
+    brief = next(t for t in cadence.touches() if "executive-brief" in t.template)
+    assert (brief.channel, brief.template, brief.status) == (
+        "email",
+        "email/deal-04-executive-brief",
+        TouchStatus.sent,
+    )
+    assert (cadence.service.settings.outbox_dir / "email" / f"{brief.key}.eml").exists()
     assert not (cadence.service.settings.outbox_dir / "letters").exists()
-    assert [t.status for t in cadence.touches()].count(TouchStatus.sent) == len(OPEN_DEAL["steps"]) - 1
+    assert [t.status for t in cadence.touches()].count(TouchStatus.sent) == len(OPEN_DEAL["steps"])
 
 
 def test_replied_stops_the_rest(cadence: Harness) -> None:
