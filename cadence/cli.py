@@ -314,7 +314,8 @@ def _print_timeline(name: str, start: datetime, days: int, events: list[Any]) ->
             text,
             style=style or None,
         )
-    Console().print(table)
+    # Piped into a file or another program, a table keeps whole names rather than fold to 80 columns.
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 @app.command()

@@ -20,7 +20,7 @@ from sqlmodel import Session, SQLModel, col, select
 
 from cadence import sandbox, timing
 from cadence.events import ContactData, DealData, Event
-from cadence.language import CadenceSpec, Calendar, Option, Touchpoint, Variant, parse
+from cadence.language import CadenceSpec, Calendar, Option, Parsed, Touchpoint, Variant, parse
 from cadence.models import (
     Block,
     CadenceVersion,
@@ -191,8 +191,8 @@ class Engine:
         version = s.get_one(CadenceVersion, enrollment.cadence_version_id)
         return _spec_from_text(version.yaml_text, version.file)
 
-    def _current_version(self, s: Session, name: str, now: datetime) -> CadenceVersion:
-        parsed = self._rules().cadences[name]
+    def _current_version(self, s: Session, parsed: Parsed, now: datetime) -> CadenceVersion:
+        name = parsed.spec.cadence
 
         def existing() -> CadenceVersion | None:
             return s.exec(
@@ -267,7 +267,7 @@ class Engine:
         self, s: Session, event: Event, contact: Contact, deal: Deal | None, now: datetime, effects: Effects
     ) -> None:
         context = {"contact": contact_view(contact), "deal": deal_view(deal), "enrollment": None}
-        for name, parsed in self._rules().cadences.items():
+        for name, parsed in list(self._rules().cadences.items()):
             enroll = parsed.spec.enroll
             if enroll is None or event.type not in enroll.on:
                 continue
@@ -291,14 +291,15 @@ class Engine:
         self, s: Session, name: str, contact: Contact, deal: Deal | None, now: datetime, origin: str
     ) -> Enrollment | None:
         """Start `name` for the deal (or the contact); None when one is already active."""
-        if name not in self._rules():
+        parsed = self._rules().cadences.get(name)  # once: a reload meanwhile must not change it midway
+        if parsed is None:
             raise EngineError(f"no cadence named {name!r}", field="cadence", not_found=True)
         subject = f"deal:{deal.id}" if deal is not None else f"contact:{contact.id}"
         if self.blocked(s, contact.id or 0, None, now) is not None:
             return None
-        if self._barred(s, name, subject, now):
+        if self._barred(s, parsed, subject, now):
             return None
-        version = self._current_version(s, name, now)
+        version = self._current_version(s, parsed, now)
         enrollment = Enrollment(
             cadence_name=name,
             cadence_version_id=version.id or 0,
@@ -318,11 +319,11 @@ class Engine:
         self.plan(s, enrollment, 0, now)
         return enrollment
 
-    def _barred(self, s: Session, name: str, subject: str, now: datetime) -> bool:
+    def _barred(self, s: Session, parsed: Parsed, subject: str, now: datetime) -> bool:
         """Whether the subject may not enter cadence `name` now: it is in it, or its re-enrollment rule
         says not yet. Without a rule, a time that ended with an outcome (a reply, "not interested") bars it:
         the person answered this cadence, so the same trigger must not start it over."""
-        enroll = self._rules().get(name).enroll
+        name, enroll = parsed.spec.cadence, parsed.spec.enroll
         rule = enroll.reenroll if enroll else None
         earlier = select(Enrollment.id).where(Enrollment.cadence_name == name, Enrollment.subject == subject)
         if rule == "never":

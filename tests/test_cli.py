@@ -224,3 +224,145 @@ def test_simulate_broken_file_exits_1_with_position(runner: CliRunner, broken: P
     result = invoke(runner, "simulate", broken, "--start", "2026-12-28")
     assert result.exit_code == 1
     assert f"{broken}:4:14:" in result.output
+
+
+# --- simulate: branches, blocks, caps, repeats -------------------------------------------------------------
+
+NURTURE = RULES / "lost-prospect-nurture.yaml"
+
+
+def test_simulate_retries_an_unanswered_call_after_a_scripted_no_answer(runner: CliRunner) -> None:
+    events = simulate_json(
+        runner, "--start", "2027-03-01", "--contact", contact(), "--outcome", "day 2: no_answer"
+    )
+    calls = [e for e in touches(events) if e["step"] == 1]
+    assert [(e["iteration"], e["status"]) for e in calls] == [(0, "sent"), (1, "sent")]
+    assert calls[1]["at"] > calls[0]["at"]
+    [outcome] = [e for e in events if e["kind"] == "outcome"]
+    assert (outcome["status"], outcome["step"]) == ("no_answer", 1)
+
+
+def test_simulate_follows_a_meeting_into_the_post_meeting_series_within_the_daily_cap(
+    runner: CliRunner,
+) -> None:
+    events = simulate_json(
+        runner, "--start", "2027-03-01", "--contact", contact(), "--outcome", "day 7 12:00: meeting_booked"
+    )
+    ended = [e for e in events if e["kind"] == "ended"]
+    assert ended[0]["cadence"] == "open-deal" and ended[0]["note"] == "outcome: meeting_booked"
+    assert [e["cadence"] for e in events if e["kind"] == "enrolled"] == ["open-deal", "post-meeting"]
+    first = next(e for e in touches(events) if e["cadence"] == "post-meeting")
+    # Day 7 (Monday 8 March, a public holiday in RU, so open-deal's step went out on Tuesday 9 March) ...
+    sent_days = [datetime.fromisoformat(e["local"]).date() for e in touches(events) if e["status"] == "sent"]
+    assert len(sent_days) == len(set(sent_days)), "the policy allows one touch per contact per local day"
+    assert first["status"] == "sent"
+
+
+def test_simulate_skips_blocked_channels(runner: CliRunner) -> None:
+    events = simulate_json(runner, "--start", "2027-03-01", "--contact", contact(), "--block", "call")
+    calls = [e for e in touches(events) if e["channel"] == "call"]
+    assert calls and all(e["status"] == "skipped" and "blocked" in e["note"] for e in calls)
+    assert all(e["status"] == "sent" for e in touches(events) if e["channel"] != "call")
+
+
+def test_simulate_skips_sms_without_consent(runner: CliRunner) -> None:
+    events = simulate_json(runner, "--start", "2027-03-01", "--contact", contact(sms_consent=False))
+    [sms] = [e for e in touches(events) if e["channel"] == "sms"]
+    assert sms["status"] == "skipped" and "consent" in sms["note"]
+
+
+def test_simulate_repeats_the_nurture_weekly_within_its_monthly_budget(runner: CliRunner) -> None:
+    result = invoke(
+        runner,
+        "simulate",
+        NURTURE,
+        "--start",
+        "2027-03-01",
+        "--days",
+        "365",
+        "--contact",
+        contact(age=60),
+        "--deal",
+        '{"status": "lost"}',
+        "--format",
+        "json",
+    )
+    assert result.exit_code == 0, result.output
+    sent = [e for e in touches(json.loads(result.stdout)) if e["status"] == "sent"]
+    assert len(sent) >= 45
+    months: dict[tuple[int, int], int] = {}
+    for e in sent:
+        local = datetime.fromisoformat(e["local"])
+        months[(local.year, local.month)] = months.get((local.year, local.month), 0) + 1
+    assert max(months.values()) == 4  # the budget, reached in months with five Mondays
+    assert any("budget" in d for e in sent for d in e["deferrals"])
+    # The content rotates: the repeat's ten items come round again in order.
+    templates = [e["template"] for e in sent]
+    assert templates[1:10] == templates[10:19]
+
+
+def test_simulate_ends_the_nurture_when_the_deal_is_won(runner: CliRunner) -> None:
+    result = invoke(
+        runner,
+        "simulate",
+        NURTURE,
+        "--start",
+        "2027-03-01",
+        "--days",
+        "120",
+        "--contact",
+        contact(),
+        "--deal",
+        '{"status": "lost"}',
+        "--outcome",
+        "day 30: won",
+        "--format",
+        "json",
+    )
+    assert result.exit_code == 0, result.output
+    events = json.loads(result.stdout)
+    ended = next(e for e in events if e["kind"] == "ended" and e["cadence"] == "lost-prospect-nurture")
+    assert datetime.fromisoformat(ended["local"]).date() == date(2027, 3, 31)
+    assert "onboarding" in {e["cadence"] for e in events if e["kind"] == "enrolled"}
+    assert all(
+        datetime.fromisoformat(e["local"]).date() <= date(2027, 3, 31)
+        for e in touches(events)
+        if e["cadence"] == "lost-prospect-nurture" and e["status"] == "sent"
+    )
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("--outcome", "3: no_answer", "day 3: no_answer"),
+        ("--outcome", "day 3: maybe", "unknown outcome 'maybe'"),
+        ("--outcome", "day 3 25:00: replied", "not a time of day"),
+        ("--block", "fax", "block a channel"),
+        ("--block", "call:soon", "whole number"),
+    ],
+)
+def test_simulate_bad_outcome_or_block_is_a_clear_error(
+    runner: CliRunner, option: str, value: str, said: str
+) -> None:
+    result = invoke(runner, "simulate", OPEN_DEAL, "--start", "2027-03-01", option, value)
+    assert result.exit_code == 2
+    assert said in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
+def test_simulate_table_shows_outcomes_and_transitions(runner: CliRunner) -> None:
+    result = invoke(
+        runner,
+        "simulate",
+        OPEN_DEAL,
+        "--start",
+        "2027-03-01",
+        "--contact",
+        contact(),
+        "--outcome",
+        "day 9: lost",
+    )
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert "lost-prospect-nurture" in text and "no_answer" not in text
+    assert "lost" in text and "exited" in text

@@ -562,3 +562,76 @@ def test_an_unknown_format_is_refused(warned: Path, templates: Path) -> None:
     result = invoke("lint", warned, "--templates", templates, "--format", "xml")
     assert result.exit_code == 2
     assert "xml" in result.output
+
+
+# --- the fuller language: repeats, choices, variants, step transitions -----------------------------------
+
+REPEAT = """\
+repeat:
+  every: {every}
+  content:
+    - channel: email
+      template: email/fine
+      reason: Useful note one.
+    - channel: email
+      template: email/fine
+      reason: Useful note two.
+"""
+
+
+def test_a_nurture_repeating_less_than_monthly_is_warned_once_at_its_every(
+    folder: Path, templates: Path
+) -> None:
+    text = cadence("n", step(0), head="kind: nurture\n") + REPEAT.format(every="6 weeks")
+    write(folder, "n", text)
+    problems = lint([folder], templates)
+    assert at(problems) == [("n.yaml", *value_at(text, "every: 6 weeks"), "warning")]
+    assert "comes 42 days after" in problems[0].message and "31 days" in problems[0].message
+
+
+def test_a_weekly_nurture_repeat_passes(folder: Path, templates: Path) -> None:
+    write(folder, "n", cadence("n", step(0), head="kind: nurture\n") + REPEAT.format(every="1 week"))
+    assert lint([folder], templates) == []
+
+
+def test_a_repeated_reason_inside_a_repeat_is_warned_at_the_content_item(
+    folder: Path, templates: Path
+) -> None:
+    text = cadence("n", step(0)) + REPEAT.format(every="1 week").replace(
+        "Useful note two.", "Useful note one."
+    )
+    write(folder, "n", text)
+    problems = lint([folder], templates)
+    assert at(problems) == [("n.yaml", *value_at(text, "reason: Useful note one.", 2), "warning")]
+    assert problems[0].message == "repeat.content.1.reason repeats repeat.content.0.reason"
+
+
+def test_a_step_transition_closing_a_cycle_is_an_error_at_its_then(folder: Path, templates: Path) -> None:
+    a_text = cadence("a", step(0, "call", on_outcome="{meeting_booked: {then: b}}"))
+    write(folder, "a", a_text)
+    write(folder, "b", cadence("b", step(0), head="then:\n  won: a\n"))
+    problems = [p for p in lint([folder], templates) if p.file.endswith("a.yaml")]
+    assert [p.message for p in problems] == [
+        "steps.0.on_outcome.meeting_booked.then closes a cycle: "
+        "a (steps.0.on_outcome.meeting_booked.then) → b (then.won) → a"
+    ]
+
+
+def test_every_choice_and_variant_template_is_rendered(folder: Path, templates: Path) -> None:
+    add_template(templates, "letter/brief.html", "<p>{{ contact.adress }}</p>")
+    add_template(templates, "email/b.txt", "Subject: B\n\n{{ deal.titel }}")
+    add_template(templates, "email/b.html", "<p>B</p>")
+    text = cadence(
+        "c",
+        "  - day: 0\n    choose:\n      - {channel: letter, template: letter/brief, when: contact.age > 50}\n"
+        "      - {channel: email, template: email/fine}\n    reason: Brief.\n",
+        "  - day: 1\n    channel: email\n    template: email/fine\n    reason: Opening.\n"
+        "    variants:\n      - {name: a}\n      - {name: b, template: email/b}\n",
+    )
+    write(folder, "c", text)
+    problems = lint([folder], templates)
+    assert [(p.line, p.message.split(":")[0]) for p in problems] == [
+        (5, "template letter/brief.html, line 1"),
+        (14, "template email/b.txt, line 3"),
+    ]
+    assert "contact.adress" in problems[0].message and "deal.titel" in problems[1].message
