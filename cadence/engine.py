@@ -453,24 +453,13 @@ class Engine:
         point = spec.touchpoint(step_index)
         assert point is not None
         zone, calendar = self.placement(spec, point, channel, contact.timezone, contact.country)
-        base = now or enrollment.started_at
-        if step_index >= len(spec.steps):
-            assert spec.repeat is not None
-            days, business = spec.repeat.gap
-            counting = calendar.model_copy(update={"business_days": calendar.business_days or business})
-            due = timing.due_at(base, days, counting, zone, point.at)
-        else:
-            step = spec.steps[step_index]
-            if step.after is not None:
-                days, business = step.gap
-                counting = calendar.model_copy(update={"business_days": calendar.business_days or business})
-                due = timing.due_at(base, days, counting, zone, step.at)
-            else:
-                day = step.day or 0
-                due = timing.due_at(enrollment.started_at, day, calendar, zone, step.at)
-                if now is not None and step_index > 0 and due < now:
-                    gap = day - (spec.steps[step_index - 1].day or 0)
-                    due = timing.due_at(now, gap, calendar, zone, step.at)
+        due = timing.touch_due(
+            spec, step_index, calendar, zone, enrollment.started_at, now or enrollment.started_at
+        )
+        relative = step_index >= len(spec.steps) or spec.steps[step_index].after is not None
+        if not relative and now is not None and step_index > 0 and due < now:
+            gap = (spec.steps[step_index].day or 0) - (spec.steps[step_index - 1].day or 0)
+            due = timing.due_at(now, gap, calendar, zone, point.at)
         spread = calendar.spread_seconds
         if spread:
             due = timing.spread(due, spread * stable_fraction("spread", enrollment.id), calendar, zone)

@@ -100,17 +100,7 @@ def project(
         template = (variant and variant.template) or option.template
         hours = policy.hours(channel) if policy else None
         counting = timing.for_step(calendar, point.window, hours)
-        if index >= len(spec.steps):
-            assert spec.repeat is not None
-            days, business = spec.repeat.gap
-            counting = counting.model_copy(update={"business_days": counting.business_days or business})
-            due = timing.due_at(previous, days, counting, zone, point.at)
-        elif (step := spec.steps[index]).after is not None:
-            days, business = step.gap
-            counting = counting.model_copy(update={"business_days": counting.business_days or business})
-            due = timing.due_at(previous, days, counting, zone, point.at)
-        else:
-            due = timing.due_at(start, step.day or 0, counting, zone, point.at)
+        due = timing.touch_due(spec, index, counting, zone, start, previous)
         if until is not None and due > until:
             break
         skipped = sandbox.skip_reason(point.when, point.skip_when, context)

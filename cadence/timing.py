@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import holidays
 
-from cadence.language import Calendar
+from cadence.language import CadenceSpec, Calendar
 
 _DAY_START = time(0, 0)
 _DAY_END = time(23, 59, 59, 999999)
@@ -142,3 +142,26 @@ def spread(due: datetime, offset_seconds: float, calendar: Calendar, zone: ZoneI
     if room <= 0:
         return due
     return due + timedelta(seconds=int(offset_seconds % room if offset_seconds >= room else offset_seconds))
+
+
+def touch_due(
+    spec: CadenceSpec,
+    index: int,
+    calendar: Calendar,
+    zone: ZoneInfo,
+    started_at: datetime,
+    previous: datetime,
+) -> datetime:
+    """When touch `index` is due by the cadence's timing alone: a `day` step counts from the enrollment's
+    start; an `after` step and a repeat count from `previous`, when the touch before it went out."""
+    point = spec.touchpoint(index)
+    at = point.at if point is not None else None
+    if index < len(spec.steps) and spec.steps[index].after is None:
+        return due_at(started_at, spec.steps[index].day or 0, calendar, zone, at)
+    if index < len(spec.steps):
+        days, business = spec.steps[index].gap
+    else:
+        assert spec.repeat is not None
+        days, business = spec.repeat.gap
+    counting = calendar.model_copy(update={"business_days": calendar.business_days or business})
+    return due_at(previous, days, counting, zone, at)
