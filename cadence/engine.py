@@ -461,7 +461,7 @@ class Engine:
             gap = (spec.steps[step_index].day or 0) - (spec.steps[step_index - 1].day or 0)
             due = timing.due_at(now, gap, calendar, zone, point.at)
         spread = calendar.spread_seconds
-        if spread:
+        if spread and not relative:  # a relative touch inherits the offset from the touch before it
             due = timing.spread(due, spread * stable_fraction("spread", enrollment.id), calendar, zone)
         return due
 
@@ -600,6 +600,75 @@ class Engine:
 
     # --- outcomes -------------------------------------------------------------------------------------------
 
+    def _follow(
+        self,
+        s: Session,
+        enrollment: Enrollment,
+        touch: Touch | None,
+        name: str,
+        now: datetime,
+        effects: Effects,
+    ) -> None:
+        """What the outcome does to the enrollment: the touch's step rule first, then the cadence's.
+
+        An answer to the last touch may come after the enrollment completed (a call task is logged days
+        later): it still moves the contact on, or reopens the enrollment for the step's retry.
+        """
+        late = (
+            touch is not None
+            and enrollment.status == EnrollmentStatus.completed
+            and enrollment.end_outcome is None
+        )
+        if enrollment.status != EnrollmentStatus.active and not late:
+            return
+        spec = self.spec_of(s, enrollment)
+        point = spec.touchpoint(touch.step_index) if touch is not None else None
+        rule = point.on_outcome.get(name) if point else None  # type: ignore[call-overload]
+        target = spec.then.targets().get(name)
+        if rule is not None and rule.ends:
+            self._conclude(s, enrollment, name, rule.then or target, now, effects)
+        elif name in ("won", "lost"):
+            return  # through the deal's status: the review after it applies `then`
+        elif target is not None or name in spec.exit.on_outcome:
+            self._conclude(s, enrollment, name, target, now, effects)
+        elif rule is not None and touch is not None and self._reopen(s, enrollment):
+            self._retry(s, spec, enrollment, touch, name, now)
+
+    def _conclude(
+        self,
+        s: Session,
+        enrollment: Enrollment,
+        name: str,
+        target: str | None,
+        now: datetime,
+        effects: Effects,
+    ) -> None:
+        """End the enrollment for outcome `name` and start `target`; a completed one keeps its end."""
+        if enrollment.status == EnrollmentStatus.active:
+            self.leave(s, enrollment, f"outcome: {name}", target, now, effects, outcome=name)
+            return
+        enrollment.end_outcome = name
+        if target is not None and target in self._rules():
+            contact = s.get_one(Contact, enrollment.contact_id)
+            deal = s.get(Deal, enrollment.deal_id) if enrollment.deal_id else None
+            moved = self.enroll(s, target, contact, deal, now, origin=f"then from {enrollment.cadence_name}")
+            if moved is not None:
+                effects.enrolled.append(moved.id or 0)
+
+    def _reopen(self, s: Session, enrollment: Enrollment) -> bool:
+        """Make a completed enrollment active again for a retry; False if another took its place."""
+        if enrollment.status == EnrollmentStatus.active:
+            return True
+        try:
+            with s.begin_nested():
+                enrollment.status = EnrollmentStatus.active
+                enrollment.ended_at = enrollment.end_reason = None
+                s.flush()
+        except sa.exc.IntegrityError:
+            s.refresh(enrollment)
+            return False
+        return True
+
     def record_outcome(
         self,
         s: Session,
@@ -647,22 +716,11 @@ class Engine:
                 task.outcome = name
         effects = Effects()
         contact = s.get_one(Contact, enrollment.contact_id)
+        self._follow(s, enrollment, touch, name, now, effects)
         if name in ("won", "lost") and enrollment.deal_id is not None:
             deal = s.get_one(Deal, enrollment.deal_id)
             deal.status = name
             deal.updated_at = now
-        elif enrollment.status == EnrollmentStatus.active:
-            spec = self.spec_of(s, enrollment)
-            point = spec.touchpoint(touch.step_index) if touch is not None else None
-            rule = point.on_outcome.get(name) if point else None  # type: ignore[call-overload]
-            target = spec.then.targets().get(name)
-            if rule is not None and rule.ends:
-                target = rule.then or target
-                self.leave(s, enrollment, f"outcome: {name}", target, now, effects, outcome=name)
-            elif target is not None or name in spec.exit.on_outcome:
-                self.leave(s, enrollment, f"outcome: {name}", target, now, effects, outcome=name)
-            elif touch is not None:
-                self._retry(s, spec, enrollment, touch, name, now)
         s.flush()
         self.review(s, contact, now, effects)
         return outcome, effects

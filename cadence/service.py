@@ -180,7 +180,9 @@ class Service:
         previous = max((t.due_at for t in touches), default=enrollment.started_at)
         items: list[dict[str, Any]] = []
         index = first
-        while (point := spec.touchpoint(index)) is not None and index < len(spec.steps) + PROJECTED_REPEATS:
+        while (point := spec.touchpoint(index)) is not None and index < max(
+            first, len(spec.steps)
+        ) + PROJECTED_REPEATS:
             variant = pick_variant(point.variants, stable_fraction(enrollment.id, index))
             option = point.options()[0]
             channel = (variant and variant.channel) or option.channel
