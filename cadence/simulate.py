@@ -404,24 +404,34 @@ class _Timeline:
                             note=enrollment.end_reason,
                         )
                     )
-            for row in s.exec(select(Touch).where(Touch.status == TouchStatus.planned)).all():
-                if row.id in self._touches:
-                    continue
+            # Every touch as the database has it at the end: one cancelled by an exit after it was last
+            # dispatched (or before its time came) shows cancelled, one past the span shows planned.
+            for row in s.exec(select(Touch).order_by(col(Touch.id))).all():
                 cadence = s.get_one(Enrollment, row.enrollment_id).cadence_name
-                self._touches[row.id or 0] = Event(
-                    row.due_at,
-                    self._local(row.due_at),
-                    "touch",
-                    cadence,
-                    row.step_index,
-                    row.iteration,
-                    row.channel,
-                    row.template,
-                    row.variant,
-                    row.reason,
-                    "planned",
-                    "due after the simulated span",
-                )
+                event = self._touches.get(row.id or 0)
+                if event is None:
+                    at = row.finished_at or row.due_at
+                    event = Event(
+                        at,
+                        self._local(at),
+                        "touch",
+                        cadence,
+                        row.step_index,
+                        row.iteration,
+                        row.channel,
+                        row.template,
+                        row.variant,
+                        row.reason,
+                        row.status,
+                        row.status_reason,
+                    )
+                    self._touches[row.id or 0] = event
+                elif row.status != TouchStatus.planned:
+                    event.status, event.note = row.status, row.status_reason
+                    if row.finished_at is not None:
+                        event.at, event.local = row.finished_at, self._local(row.finished_at)
+                if row.status == TouchStatus.planned and not event.deferrals:
+                    event.note = "due after the simulated span"
         order = {"enrolled": 0, "touch": 1, "outcome": 2, "ended": 3}
         found = [*self._touches.values(), *self._other]
         return sorted(found, key=lambda e: (e.at, order[e.kind]))
