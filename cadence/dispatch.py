@@ -284,7 +284,7 @@ class Dispatcher:
         # One decision at a time per contact, so two workers cannot both take the last place under a cap.
         s.exec(select(Contact.id).where(Contact.id == contact_id).with_for_update()).one()
         local_midnight = datetime.combine(now.astimezone(zone).date(), datetime.min.time(), tzinfo=zone)
-        since = min(now - timedelta(days=7), local_midnight.astimezone(UTC))
+        since = min(now - timedelta(days=8), local_midnight.astimezone(UTC))
         cleared = sorted(
             at
             for at in s.exec(
@@ -303,10 +303,15 @@ class Dispatcher:
         if caps.per_day and len(today) >= caps.per_day:
             tomorrow = local_midnight + timedelta(days=1)
             return timing.due_at(tomorrow, 0, calendar, zone), f"deferred: {caps.per_day} touch(es) a day cap"
-        # Strictly within the last 7 days, so the moment a place frees up always lies ahead of now.
-        week = [at for at in cleared if at > now - timedelta(days=7)]
+
+        # Seven days of the contact's wall clock, so a weekly touch keeps its local hour across a DST change;
+        # strictly within them, so the moment a place frees up always lies ahead of now.
+        def wall(at: datetime) -> datetime:
+            return at.astimezone(zone).replace(tzinfo=None)
+
+        week = [at for at in cleared if wall(at) > wall(now) - timedelta(days=7)]
         if caps.per_week and len(week) >= caps.per_week:
-            frees = week[len(week) - caps.per_week] + timedelta(days=7)
+            frees = (wall(week[len(week) - caps.per_week]) + timedelta(days=7)).replace(tzinfo=zone)
             return timing.due_at(frees, 0, calendar, zone), f"deferred: {caps.per_week} touches a week cap"
         return None
 

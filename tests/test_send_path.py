@@ -41,15 +41,19 @@ def _queue_first_touch(h: Harness) -> Touch:
     return touch
 
 
-def _templates_with(tmp_path: Path, name: str, extra: str) -> Path:
-    templates = tmp_path / "templates"
-    shutil.copytree(REPO / "templates", templates)
+def _templates_with(tmp_path: Path, name: str, extra: str, templates: Path | None = None) -> Path:
+    if templates is None:
+        templates = tmp_path / "templates"
+        shutil.copytree(REPO / "templates", templates)
     (templates / name).write_text((templates / name).read_text() + extra)
     return templates
 
 
 def test_a_template_that_raises_fails_its_touch_and_the_cadence_moves_on(tmp_path: Path) -> None:
-    templates = _templates_with(tmp_path, "email/deal-01-proposal-recap.txt", '{{ "{0} {1}".format(1) }}\n')
+    # Both variants of open-deal's opening email are broken, whichever one the enrollment draws.
+    raises = '{{ "{0} {1}".format(1) }}\n'
+    templates = _templates_with(tmp_path, "email/deal-01-proposal-recap.txt", raises)
+    _templates_with(tmp_path, "email/deal-01-open-question.txt", raises, templates)
     h = start_harness(make_settings(tmp_path, templates_dir=templates))
     try:
         h.post("/webhooks/generic", deal_event())
