@@ -484,6 +484,48 @@ class Engine:
         until = f" until {block.until.date().isoformat()}" if block.until else ""
         return f"contact is blocked: {block.reason}{until}"
 
+    def blocks_ended(self, s: Session, now: datetime, limit: int = 100) -> list[int]:
+        """Act once on each block that has run out or been lifted: enroll the contact into every cadence
+        that starts on `block.ended` and whose `enroll.when` holds. Returns the new enrollments."""
+        ended = s.exec(
+            select(Block)
+            .where(
+                col(Block.ended_seen_at).is_(None),
+                (col(Block.until) <= now) | col(Block.lifted_at).is_not(None),
+            )
+            .order_by(col(Block.id))
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        enrolled: list[int] = []
+        for block in ended:
+            block.ended_seen_at = now
+            outcome = s.get(Outcome, block.outcome_id) if block.outcome_id else None
+            deal = s.get(Deal, outcome.deal_id) if outcome is not None and outcome.deal_id else None
+            contact = s.get_one(Contact, block.contact_id)
+            context = {
+                "contact": contact_view(contact),
+                "deal": deal_view(deal),
+                "enrollment": None,
+                "block": {
+                    "reason": block.reason,
+                    "channel": block.channel,
+                    "starts_at": block.starts_at,
+                    "until": block.until,
+                },
+            }
+            for name, parsed in list(self._rules().cadences.items()):
+                enroll = parsed.spec.enroll
+                if enroll is None or "block.ended" not in enroll.on:
+                    continue
+                if enroll.when and not self._holds(enroll.when, context, f"{name}: enroll.when"):
+                    continue
+                moved = self.enroll(s, name, contact, deal, now, origin=f"block ended: {block.reason}")
+                if moved is not None:
+                    enrolled.append(moved.id or 0)
+        s.flush()
+        return enrolled
+
     def _block(self, s: Session, outcome: Outcome, now: datetime) -> None:
         """The blocks the policy starts after this outcome, one per channel (or one for all of them)."""
         for rule in self.policy.blocking(outcome.name):

@@ -34,6 +34,18 @@ EventType = Literal[
     "deal.won",
     "deal.lost",
 ]
+#: What may start an enrollment: a CRM event, or the end of a block (a contact left alone may be written to
+#: again, e.g. warm letters a year after "not interested").
+Trigger = Literal[
+    "contact.created",
+    "contact.updated",
+    "deal.created",
+    "deal.updated",
+    "deal.stage_changed",
+    "deal.won",
+    "deal.lost",
+    "block.ended",
+]
 OutcomeName = Literal[
     "replied",
     "meeting_booked",
@@ -204,11 +216,12 @@ class _Model(BaseModel):
 
 class Enroll(_Model):
     on: Annotated[
-        tuple[EventType, ...],
+        tuple[Trigger, ...],
         BeforeValidator(_one_or_many),
         Field(
             min_length=1,
-            description="The CRM event that enrolls a contact, or a list of them, e.g. deal.stage_changed.",
+            description="The CRM event that enrolls a contact, or a list of them, e.g. deal.stage_changed; "
+            "or block.ended, when a block on the contact ends (`block.reason`, `block.channel` say which).",
         ),
     ]
     when: Expression | None = Field(

@@ -204,6 +204,9 @@ class Block(SQLModel, table=True):
     starts_at: datetime = _when()
     until: datetime | None = _when(default=None)
     lifted_at: datetime | None = _when(default=None)
+    ended_seen_at: datetime | None = _when(
+        default=None, description="when the scheduler acted on its end (block.ended enrollments)"
+    )
 
 
 class InboundEvent(SQLModel, table=True):

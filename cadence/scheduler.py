@@ -29,6 +29,7 @@ class Tick:
     requeued: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     replayed: list[int] = field(default_factory=list)
+    enrolled: list[int] = field(default_factory=list)
 
 
 class Scheduler:
@@ -41,6 +42,7 @@ class Scheduler:
         lease: timedelta,
         take_back: Callable[[Session, Touch, str], bool],
         replay_inbox: Callable[[datetime], list[int]],
+        blocks_ended: Callable[[Session, datetime], list[int]] | None = None,
     ) -> None:
         self.db = db
         self.send = send
@@ -50,10 +52,15 @@ class Scheduler:
         #: Queues a stale touch again (True) or fails it, inside the sweep's transaction.
         self.take_back = take_back
         self.replay_inbox = replay_inbox
+        #: Enrolls contacts whose blocks ended into the cadences that start then.
+        self.blocks_ended = blocks_ended
 
     def tick(self) -> Tick:
         """One pass: finish events a crash interrupted, claim what is due, re-send what was lost."""
         result = Tick(replayed=self.replay_inbox(self.clock() - self.lease))
+        if self.blocks_ended is not None:
+            with store.session(self.db) as s:
+                result.enrolled = self.blocks_ended(s, self.clock())
         while True:
             batch = self._claim_due()
             result.queued.extend(batch)

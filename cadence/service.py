@@ -77,6 +77,7 @@ class Service:
             lease=timedelta(seconds=settings.lease_seconds),
             take_back=self.dispatcher.take_back,
             replay_inbox=self.inbox.replay,
+            blocks_ended=self.engine.blocks_ended,
         )
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()

@@ -287,6 +287,14 @@ def run(
             ).first()
             due = touch.due_at if touch is not None else None
             touch_id = touch.id if touch is not None else None
+            block_ends = s.exec(
+                select(sa.func.min(Block.until)).where(col(Block.ended_seen_at).is_(None))
+            ).one()
+        if block_ends is not None and (due is None or block_ends <= due) and block_ends <= end:
+            clock.set(max(block_ends, clock()))
+            with store.session(db) as s:
+                engine.blocks_ended(s, clock())
+            continue
         if pending and (due is None or pending[0][0] <= due) and pending[0][0] <= end:
             at, scripted = pending.pop(0)
             clock.set(max(at, clock()))

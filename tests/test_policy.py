@@ -117,6 +117,34 @@ def test_not_interested_blocks_calls_for_a_year_and_lets_them_through_after(harn
     assert calls and all(t.status == TouchStatus.sent for t in calls)
 
 
+def test_warm_letters_start_once_when_the_not_interested_block_ends(harness: Harness) -> None:
+    first = _enrollment_for(harness, deal_event())
+    harness.post("/outcomes", {"enrollment_id": first, "outcome": "not_interested"})
+    harness.clock.set(MONDAY + timedelta(days=364))
+    assert harness.service.scheduler.tick().enrolled == []  # still inside the year: left alone
+    harness.clock.set(MONDAY + timedelta(days=365, hours=1))
+    [warm] = harness.service.scheduler.tick().enrolled
+    assert harness.service.scheduler.tick().enrolled == []  # one block, one ending: acted on once
+    enrollment = next(e for e in harness.enrollments() if e.id == warm)
+    opening = harness.enrollments()[0]
+    assert (enrollment.cadence_name, enrollment.origin, enrollment.deal_id) == (
+        "warm-letters",
+        "block ended: not_interested",
+        opening.deal_id,
+    )
+    harness.run_days(1)
+    [letter] = harness.touches(warm)[:1]
+    assert (letter.channel, letter.status) == ("letter", TouchStatus.sent)
+
+
+def test_a_block_ending_for_another_reason_starts_no_warm_letters(harness: Harness) -> None:
+    first = _enrollment_for(harness, deal_event())
+    harness.post("/outcomes", {"enrollment_id": first, "outcome": "bounced"})  # email blocked for 90 days
+    harness.clock.set(MONDAY + timedelta(days=91))
+    assert harness.service.scheduler.tick().enrolled == []
+    assert {e.cadence_name for e in harness.enrollments()} == {"open-deal"}
+
+
 def test_a_block_for_all_channels_stops_new_enrollments_and_due_touches(harness: Harness) -> None:
     first = _enrollment_for(harness, deal_event())
     other = _enrollment_for(harness, deal_event("evt-d2", deal_id="d-2"))

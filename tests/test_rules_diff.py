@@ -84,7 +84,7 @@ def old_and_new(tmp_path: Path) -> tuple[Path, Path]:
         'when: deal.stage == "proposal_sent" and deal.amount',
     )
     edit(open_deal, 'window: "09:00-18:00"', 'window: "10:00-24:00"')
-    edit(open_deal, "  not_interested: warm-letters\n", "")
+    edit(open_deal, "  meeting_booked: post-meeting\n", "")
     (new / "warm-letters.yaml").unlink()
     (new / "re-engage.yaml").write_text(NEW_CADENCE, encoding="utf-8")
     edit(new / "policy.yaml", "per_week: 3", "per_week: 2")
@@ -124,7 +124,7 @@ def test_a_changed_cadence_lists_its_fields_and_steps_as_the_file_names_them(
 
     assert texts(open_deal) == [
         'enroll.when: deal.stage == "proposal_sent" → deal.stage == "proposal_sent" and deal.amount',
-        "then.not_interested: warm-letters → (none)",
+        "then.meeting_booked: post-meeting → (none)",
         "calendar.window: 09:00-18:00 → 10:00-24:00",
         "steps[2].day: 5 → 6",
         "steps[4].channel: sms → letter",
