@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cadence import store
+from cadence import email_api, sms_api, store
 from cadence.engine import EngineError
 from cadence.errors import RulesError
 from cadence.inbox import Rejection, read_model
@@ -333,6 +333,8 @@ def create_app(service: Service, background: bool = True) -> Starlette:
             Route("/rules/reload", reload_rules, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            *email_api.routes(service),
+            *sms_api.routes(service),
         ],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,

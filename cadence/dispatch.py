@@ -24,7 +24,7 @@ from cadence.engine import Engine, touch_view
 from cadence.language import Calendar, Touchpoint
 from cadence.metrics import Metrics
 from cadence.models import Contact, Enrollment, EnrollmentStatus, Touch, TouchStatus
-from channels import Channel, DeliveryError, Message, Receipt, TransientError
+from channels import Channel, DeliveryError, Message, RateLimited, Receipt, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class Dispatcher:
             return outcome
         try:
             receipt = self.channels[message.channel].send(message)
+        except RateLimited as exc:
+            return self._rate_limited(touch_id, exc)
         except DeliveryError as exc:
             return self._delivery_failed(touch_id, exc)
         except Exception as exc:
@@ -121,6 +123,7 @@ class Dispatcher:
                 with store.session(self.db) as s:
                     touch = s.get_one(Touch, touch_id)
                     touch.receipt = {
+                        **receipt.details,
                         "provider": receipt.provider,
                         "reference": receipt.reference,
                     }
@@ -321,6 +324,13 @@ class Dispatcher:
             return float(value or 0)
         except (sandbox.ExpressionError, TypeError, ValueError):
             return 0.0
+
+    def _rate_limited(self, touch_id: int, exc: RateLimited) -> Result:
+        """Nothing was sent: the touch waits for the limit to free a place; the attempt does not count."""
+        with store.session(self.db) as s:
+            touch = s.get_one(Touch, touch_id)
+            touch.cleared_at = None
+            return self._defer(touch, self.clock() + timedelta(seconds=max(exc.retry_after, 1)), str(exc))
 
     def _delivery_failed(self, touch_id: int, exc: DeliveryError) -> Result:
         with store.session(self.db) as s:

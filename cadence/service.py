@@ -31,6 +31,7 @@ from channels import Channel
 from channels.call import CallTasks
 from channels.email import EmailOutbox
 from channels.letter import LetterOutbox
+from channels.limits import Limits
 from channels.sms import SmsOutbox
 
 log = logging.getLogger(__name__)
@@ -40,12 +41,28 @@ PROJECTED_REPEATS = 3
 
 
 def build_channels(settings: Settings, db: Any, clock: Clock) -> dict[str, Channel]:
-    channels: list[Channel] = [
-        EmailOutbox(settings.outbox_dir),
-        SmsOutbox(settings.outbox_dir),
-        LetterOutbox(settings.outbox_dir),
-        CallTasks(db, clock),
-    ]
+    """Each channel with the provider the settings choose; the file outbox is the embedded default."""
+    limits = Limits(settings.redis_url)
+    email: Channel = EmailOutbox(settings.outbox_dir)
+    if settings.email_provider == "smtp":
+        from channels.email_smtp import SmtpEmail
+
+        email = SmtpEmail(settings, limits)
+    sms: Channel = SmsOutbox(settings.outbox_dir)
+    if settings.sms_provider == "gateway":
+        from channels.sms_gateway import SmsGateway
+
+        sms = SmsGateway(settings, limits)
+    letter: Channel = LetterOutbox(settings.outbox_dir)
+    if settings.letter_provider == "print-api":
+        from channels.letter_print import PrintApiLetters
+
+        letter = PrintApiLetters(settings, limits)
+    elif settings.letter_provider == "batch":
+        from channels.letter_batch import BatchLetters
+
+        letter = BatchLetters(settings)
+    channels = [email, sms, letter, CallTasks(db, clock)]
     return {channel.name: channel for channel in channels}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,6 +46,42 @@ class Settings(BaseSettings):
     sender_email: str = "sales@example.com"
     sender_phone: str = ""
     sender_address: str = ""
+    #: The service's public base URL, for links people click (one-click unsubscribe), e.g.
+    #: https://cadence.example.com; links are signed with SECRET_KEY.
+    public_url: str = "http://127.0.0.1:8000"
+    #: Key that signs links and callbacks; unset, one is made and kept in var/secret.key.
+    secret_key: str | None = None
+
+    # --- channels: which provider each one uses (the outbox is the embedded default) -----------------------
+    email_provider: Literal["outbox", "smtp"] = "outbox"
+    smtp_host: str = "localhost"
+    smtp_port: int = 587
+    #: starttls (port 587), tls (implicit TLS, port 465) or none (a relay on a trusted network).
+    smtp_security: Literal["starttls", "tls", "none"] = "starttls"
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_timeout_seconds: float = 30.0
+    #: Emails one sender may send per day, and per minute (a rolling window); unset means no limit.
+    email_daily_limit: int | None = Field(default=None, ge=1)
+    email_per_minute: int | None = Field(default=None, ge=1)
+
+    sms_provider: Literal["outbox", "gateway"] = "outbox"
+    #: The gateway's Messages endpoint, Twilio's shape, e.g.
+    #: https://api.twilio.com/2010-04-01/Accounts/<sid>/Messages.json
+    sms_gateway_url: str | None = None
+    sms_account_sid: str | None = None
+    sms_auth_token: str | None = None
+    #: The number (E.164) or sender id messages come from.
+    sms_from: str | None = None
+    sms_per_second: int | None = Field(default=None, ge=1)
+    sms_timeout_seconds: float = 15.0
+
+    letter_provider: Literal["outbox", "print-api", "batch"] = "outbox"
+    #: A print-and-mail API in Lob's shape: POST <url>/letters with basic auth (the key as user name).
+    print_api_url: str | None = None
+    print_api_key: str | None = None
+    print_timeout_seconds: float = 30.0
+
     log_level: str = "INFO"
     log_json: bool = True
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,6 +33,17 @@ class TransientError(DeliveryError):
     transient = True
 
 
+class RateLimited(DeliveryError):
+    """A limit (the provider's, or a sender's daily quota) says not now: the touch waits `retry_after`
+    seconds and is tried again, without counting an attempt."""
+
+    transient = True
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 @dataclass(frozen=True)
 class Message:
     """One touch, rendered and addressed, ready for a channel."""
@@ -55,6 +66,8 @@ class Message:
 class Receipt:
     provider: str
     reference: str
+    #: What else the provider said that is worth keeping on the touch, e.g. {"segments": 2}.
+    details: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Channel:
