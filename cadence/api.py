@@ -33,6 +33,7 @@ from cadence.inbox import Rejection, read_model
 from cadence.language import OutcomeName
 from cadence.models import CallTask
 from cadence.service import Service, run_embedded
+from channels.call import task_view
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ def create_app(service: Service, background: bool = True) -> Starlette:
                 query = query.where(CallTask.status == status)
             ordered = query.order_by(col(CallTask.priority).desc(), col(CallTask.due_at), col(CallTask.id))
             tasks = s.exec(ordered).all()
-            return {"date": day, "owner": owner, "status": status, "tasks": [t.model_dump() for t in tasks]}
+            return {"date": day, "owner": owner, "status": status, "tasks": [task_view(s, t) for t in tasks]}
 
     async def healthz(request: Request) -> Response:
         return await run_in_threadpool(_health)

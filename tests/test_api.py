@@ -503,6 +503,43 @@ def test_call_task_shows_for_its_owner_and_local_date_with_reason_phone_and_scri
     assert task["status"] == "open"
 
 
+def test_call_task_carries_the_script_as_html_the_deal_and_the_history_before_it(api: Harness) -> None:
+    enrollment_id = _enroll(api)
+    api.run_days(2)
+    [email, call] = [t for t in api.touches(enrollment_id) if t.step_index in (0, 1)]
+    api.post("/outcomes", {"touch_id": email.id, "outcome": "left_voicemail", "note": "asked to call back"})
+
+    [task] = api.client.get("/call-tasks", params={"owner": "ivan", "date": "2026-11-25"}).json()["tasks"]
+
+    html = task["script_html"]
+    assert html.startswith("<h1>Call: proposal walkthrough - Anna Petrova")
+    assert (
+        "<h2>Questions</h2>" in html
+        and "<ol>" in html
+        and f"<strong>Why this call:</strong> {call.reason}" in html
+    )
+    assert task["deal"]["title"] == "CRM rollout" and task["deal"]["amount"] == 12000
+    history = task["history"]
+    assert [(h["kind"], h.get("outcome"), h.get("channel")) for h in history] == [
+        ("outcome", "left_voicemail", None),
+        ("touch", None, "email"),
+    ]
+    assert history[0]["note"] == "asked to call back"
+    assert history[1]["reason"] == email.reason and history[1]["status"] == "sent"
+
+
+def test_markup_from_the_crm_is_shown_as_text_in_the_script(api: Harness) -> None:
+    body = deal_event()
+    body["contact"]["name"] = "Anna <img src=x onerror=alert(1)> Petrova"
+    api.post("/webhooks/generic", body)
+    api.run_days(2)
+
+    [task] = api.client.get("/call-tasks", params={"owner": "ivan", "date": "2026-11-25"}).json()["tasks"]
+
+    assert "<img" not in task["script_html"]
+    assert "Anna &lt;img src=x onerror=alert(1)&gt; Petrova" in task["script_html"]
+
+
 def test_call_tasks_of_another_owner_or_day_are_not_listed(api: Harness) -> None:
     _enroll(api)
     api.run_days(2)
