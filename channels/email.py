@@ -23,7 +23,8 @@ def split_subject(text: str, template: str) -> tuple[str, str]:
     return first.split(":", 1)[1].strip(), body.lstrip("\n")
 
 
-def build_message(message: Message, domain: str) -> EmailMessage:
+def build_message(message: Message, domain: str, headers: Mapping[str, str] | None = None) -> EmailMessage:
+    """The multipart text + HTML message; `headers` are added after the standard ones."""
     email = EmailMessage()
     sender = message.sender
     # Address quotes the display name: by hand, a name like "X <other@host>" could pick the recipient.
@@ -32,6 +33,8 @@ def build_message(message: Message, domain: str) -> EmailMessage:
     email["Subject"] = message.parts["subject"]
     email["Date"] = format_datetime(message.due_at)
     email["Message-ID"] = f"<touch-{message.key}@{domain}>"
+    for name, value in (headers or {}).items():
+        email[name] = value
     email.set_content(message.parts["text"])
     email.add_alternative(message.parts["html"], subtype="html")
     return email
