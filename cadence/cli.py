@@ -520,5 +520,36 @@ def rules_reload(
     _print_diff(found)
 
 
+@app.command("print-batch")
+def print_batch(
+    day: Annotated[
+        str | None,
+        typer.Option(
+            "--date", help="The local date of the letters, YYYY-MM-DD (default: today in DEFAULT_TIMEZONE)."
+        ),
+    ] = None,
+) -> None:
+    """Join one day's letters (LETTER_PROVIDER=batch) into one PDF for the printer and a CSV manifest for
+    the mailroom, both beside that day's folder in OUTBOX_DIR/print."""
+    from zoneinfo import ZoneInfo
+
+    from channels.letter_batch import NoLetters, build_batch
+
+    settings = Settings()
+    try:
+        when = date.fromisoformat(day) if day else datetime.now(ZoneInfo(settings.default_timezone)).date()
+    except ValueError as exc:
+        raise typer.BadParameter(f"{day!r} is not YYYY-MM-DD", param_hint="--date") from exc
+    try:
+        pdf, manifest, count = build_batch(settings.outbox_dir, when)
+    except NoLetters as exc:
+        hint = "" if settings.letter_provider == "batch" else " (letters go there with LETTER_PROVIDER=batch)"
+        _err.print(f"{exc}{hint}", markup=False, highlight=False)
+        raise typer.Exit(1) from exc
+    print(f"{count} letter(s) for {when.isoformat()}")
+    print(f"PDF: {pdf}")
+    print(f"manifest: {manifest}")
+
+
 def main() -> None:
     app()

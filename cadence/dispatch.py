@@ -123,6 +123,7 @@ class Dispatcher:
                 with store.session(self.db) as s:
                     touch = s.get_one(Touch, touch_id)
                     touch.receipt = {
+                        **touch.receipt,  # a provider's status callback may have come first
                         **receipt.details,
                         "provider": receipt.provider,
                         "reference": receipt.reference,

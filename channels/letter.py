@@ -1,42 +1,12 @@
-"""Letters on paper: the template is the body; the channel adds the page, the sender and the address block."""
+"""Letters on paper, kept in the outbox: the template is the body; the page adds sender and address."""
 
 from __future__ import annotations
 
-from html import escape
 from pathlib import Path
 from typing import ClassVar
 
 from channels import Channel, Message, Receipt, write_atomically
-
-_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>
-@page {{ size: A4; margin: 20mm 20mm 20mm 25mm; }}
-body {{ font-family: serif; font-size: 11pt; line-height: 1.4; }}
-.sender {{ font-size: 8pt; }}
-.address {{ margin-top: 10mm; height: 40mm; white-space: pre-line; }}
-.date {{ text-align: right; margin-bottom: 8mm; }}
-</style></head>
-<body>
-<div class="sender">{sender}</div>
-<div class="address">{address}</div>
-<div class="date">{date}</div>
-{body}
-</body></html>
-"""
-
-
-def page(message: Message) -> str:
-    contact = message.contact
-    sender = message.sender
-    recipient = "\n".join(x for x in (contact.get("name"), contact.get("company"), contact["address"]) if x)
-    return _PAGE.format(
-        title=escape(f"Letter {message.key}"),
-        sender=escape(" · ".join(x for x in (sender.get("company"), sender.get("address")) if x)),
-        address=escape(recipient),
-        date=escape(message.local_date.isoformat()),
-        body=message.parts["html"],
-    )
+from channels.letter_pdf import page
 
 
 class LetterOutbox(Channel):

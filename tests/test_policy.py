@@ -15,7 +15,7 @@ from sqlmodel import select
 
 from cadence import rules, store
 from cadence.errors import RulesError
-from cadence.models import CallTask, TouchStatus
+from cadence.models import CallTask, Touch, TouchStatus
 from cadence.policy import Policy, parse
 
 MOSCOW = ZoneInfo("Europe/Moscow")
@@ -248,3 +248,21 @@ def test_the_call_list_puts_the_likeliest_biggest_deal_first(harness: Harness) -
     assert [t["priority"] for t in tasks] == [25000.0, 2000.0, 900.0]
     with store.session(harness.service.db) as s:
         assert len(s.exec(select(CallTask)).all()) == 3
+
+
+@pytest.mark.parametrize(("channel", "email_blocked"), [("email", True), ("sms", False)])
+def test_a_bounce_blocks_the_channel_that_bounced_only(
+    harness: Harness, channel: str, email_blocked: bool
+) -> None:
+    # The shipped policy blocks email for 90 days after `bounced`; an undelivered SMS says nothing of email.
+    _enrollment_for(harness, deal_event())
+    harness.run_days(1)
+    [touch] = harness.touches()[:1]
+    with store.session(harness.service.db) as s:
+        stored = s.get_one(Touch, touch.id)
+        stored.channel = channel
+    harness.post("/outcomes", {"touch_id": touch.id, "outcome": "bounced"})
+    [enrollment] = harness.enrollments()
+    with store.session(harness.service.db) as s:
+        blocked = harness.service.engine.blocked(s, enrollment.contact_id, "email", harness.clock())
+    assert (blocked is not None) == email_blocked
