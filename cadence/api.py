@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cadence import email_api, sms_api, store
+from cadence.crm import Delivery, adapters
 from cadence.engine import EngineError
 from cadence.errors import RulesError
 from cadence.inbox import Rejection, read_model
@@ -142,23 +143,30 @@ def create_app(service: Service, background: bool = True) -> Starlette:
     """The ASGI app; with `background`, the embedded worker and scheduler run for the app's lifetime."""
     settings = service.settings
     local_zone = ZoneInfo(settings.default_timezone)
+    sources = adapters()
 
     async def webhook(request: Request) -> Response:
         source = request.path_params["source"]
-        if source != "generic":
-            return error(404, "unknown_source", f"no webhook adapter for {source!r}", "source")
-        body = await _body(request)
-        if settings.webhook_secret:
-            problem = verify_signature(
-                settings.webhook_secret,
-                request.headers.get(SIGNATURE_HEADER),
-                body,
-                time.time(),
-                settings.webhook_tolerance_seconds,
+        adapter = sources.get(source)
+        if adapter is None:
+            known = ", ".join(sorted(sources))
+            return error(
+                404, "unknown_source", f"no webhook adapter for {source!r}; there are {known}", "source"
             )
-            if problem:
-                service.metrics.webhooks.labels(source, "unauthorised").inc()
-                return error(401, "bad_signature", problem, SIGNATURE_HEADER)
+        body = await _body(request)
+        query = f"?{request.url.query}" if request.url.query else ""
+        delivery = Delivery(
+            source=source,
+            method=request.method,
+            url=f"{settings.public_url.rstrip('/')}{request.url.path}{query}",
+            headers={k.lower(): v for k, v in request.headers.items()},
+            query=dict(request.query_params),
+            body=body,
+        )
+        problem = adapter.verify(delivery, settings, time.time())
+        if problem:
+            service.metrics.webhooks.labels(source, "unauthorised").inc()
+            return error(401, "bad_signature", problem, adapter.credential)
         return await run_in_threadpool(_receive, source, body)
 
     def _receive(source: str, body: bytes) -> Response:

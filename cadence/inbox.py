@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -37,6 +38,21 @@ class Rejection:
     message: str
     field: str | None
     problems: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What an adapter read from one delivery: its id, its kind, the events in it (a CRM may send several),
+    or why it was refused. Event types the adapter knows it does not act on are accepted with no events."""
+
+    event_id: str
+    kind: str | None = None
+    events: list[Event] = dataclasses.field(default_factory=list)
+    rejection: Rejection | None = None
+
+
+#: Reads one source's deliveries.
+Reader = Callable[[bytes], Reading]
 
 
 @dataclass(frozen=True)
@@ -92,41 +108,64 @@ def read_model(body: bytes, model: type[M]) -> tuple[Any, M | None, Rejection | 
         return payload, None, Rejection(422, "invalid", message, first["field"], problems)
 
 
-def _read(body: bytes) -> tuple[Any, Event | None, Rejection | None]:
+def read_generic(body: bytes) -> Reading:
+    """Cadence's own event shape, one event a delivery (`/webhooks/generic`)."""
     payload, event, rejection = read_model(body, Event)
+    event_id = _event_id(payload, body)
+    kind = payload.get("type") if isinstance(payload, dict) else None
+    kind = kind if isinstance(kind, str) else None
     if event is None:
-        return payload, None, rejection
+        return Reading(event_id, kind, rejection=rejection)
     missing = event.missing_subject()
     if missing is not None:
         message = f"{missing}: a {event.type} event needs `{missing}`"
         problems = [{"field": missing, "message": message}]
-        return payload, None, Rejection(422, "invalid", message, missing, problems)
-    return payload, event, None
+        return Reading(event_id, kind, rejection=Rejection(422, "invalid", message, missing, problems))
+    return Reading(event_id, kind, [event])
 
 
 def _event_id(payload: Any, body: bytes) -> str:
     if isinstance(payload, dict) and payload.get("event_id") is not None:
         return str(payload["event_id"])[:128]
+    return body_id(body)
+
+
+def body_id(body: bytes) -> str:
+    """An id for a delivery that carries none: the same body is the same delivery."""
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
 class Inbox:
-    def __init__(self, db: sa.Engine, engine: Engine, clock: Clock, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        db: sa.Engine,
+        engine: Engine,
+        clock: Clock,
+        metrics: Metrics,
+        readers: Callable[[str], Reader | None] | None = None,
+    ) -> None:
         self.db = db
         self.engine = engine
         self.clock = clock
         self.metrics = metrics
+        #: The reader of each source's deliveries (generic only, without one).
+        self.readers = readers or (lambda source: read_generic if source == "generic" else None)
+
+    def _reader(self, source: str) -> Reader:
+        reader = self.readers(source)
+        if reader is None:
+            raise KeyError(f"no reader for source {source!r}")
+        return reader
 
     def receive(self, source: str, body: bytes) -> Intake:
         """Store the delivery (a rejected one too, for inspection), then act on it."""
         now = self.clock()
-        payload, event, rejection = _read(body)
-        event_id = _event_id(payload, body)
-        kind = payload.get("type") if isinstance(payload, dict) else None
+        reading = self._reader(source)(body)
+        event_id, kind, rejection = reading.event_id, reading.kind, reading.rejection
         row = InboundEvent(
             source=source,
             event_id=event_id.replace("\x00", "\ufffd"),
-            type=kind[:64].replace("\x00", "\ufffd") if isinstance(kind, str) else None,
+            type=kind[:64].replace("\x00", "\ufffd") if kind else None,
             # Kept for inspection even when rejected; NUL cannot be stored, so it is shown as U+FFFD.
             body=body.decode("utf-8", errors="replace").replace("\x00", "\ufffd"),
             received_at=now,
@@ -142,11 +181,11 @@ class Inbox:
                 self.metrics.webhooks.labels(source, "duplicate").inc()
                 return Intake(event_id, duplicate=True, rejection=rejection)
             row = retried
-        if rejection is not None or event is None:
+        if rejection is not None:
             self.metrics.webhooks.labels(source, "rejected").inc()
             return Intake(event_id, rejection=rejection)
         try:
-            effects = self.process(row.id or 0, source, event)
+            effects = self.process(row.id or 0, source, reading.events)
         except EngineError as exc:
             return Intake(event_id, rejection=Rejection(422, "not_applicable", str(exc), exc.field))
         return Intake(event_id, effects=effects or Effects())  # None: another process acted on it
@@ -169,8 +208,8 @@ class Inbox:
             row.status, row.error, row.processed_at = "received", None, None
             return row
 
-    def process(self, row_id: int, source: str, event: Event) -> Effects | None:
-        """Act on a stored event once: None when another process already has."""
+    def process(self, row_id: int, source: str, events: list[Event]) -> Effects | None:
+        """Act on a stored delivery's events once, all or none: None when another process already has."""
         now = self.clock()
         try:
             with store.session(self.db) as s:
@@ -181,14 +220,18 @@ class Inbox:
                 ).first()
                 if row is None:
                     return None
-                effects = self.engine.handle_event(s, source, event, now)
+                effects = Effects()
+                for event in events:
+                    done = self.engine.handle_event(s, source, event, now)
+                    effects.enrolled += done.enrolled
+                    effects.ended += done.ended
                 row.status, row.processed_at = "processed", now
         except Exception as exc:
             self._mark_failed(row_id, str(exc) if isinstance(exc, EngineError) else repr(exc), now)
             self.metrics.webhooks.labels(source, "failed").inc()
             raise
         self.metrics.webhooks.labels(source, "processed").inc()
-        log.info("event processed", extra={"source": source, "event_id": event.event_id, "type": event.type})
+        log.info("delivery processed", extra={"source": source, "events": [e.type for e in events]})
         return effects
 
     def _mark_failed(self, row_id: int, message: str, now: datetime) -> None:
@@ -206,11 +249,12 @@ class Inbox:
             ).all()
         done = []
         for row_id, source, body in stale:
-            _, event, _ = _read(body.encode("utf-8"))
-            if event is None:
+            reader = self.readers(source)
+            reading = reader(body.encode("utf-8")) if reader is not None else None
+            if reading is None or reading.rejection is not None:
                 continue
             try:
-                if self.process(row_id or 0, source, event) is not None:
+                if self.process(row_id or 0, source, reading.events) is not None:
                     done.append(row_id or 0)
             except EngineError:
                 continue

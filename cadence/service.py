@@ -20,7 +20,7 @@ from cadence.clock import Clock, system_clock
 from cadence.dispatch import Dispatcher
 from cadence.engine import Engine, pick_variant, stable_fraction
 from cadence.errors import RulesError
-from cadence.inbox import Inbox
+from cadence.inbox import Inbox, Reader
 from cadence.language import CadenceSpec
 from cadence.metrics import Metrics
 from cadence.models import Contact, Enrollment, EnrollmentStatus, Outcome, Touch
@@ -83,7 +83,7 @@ class Service:
         self.dispatcher = Dispatcher(
             self.db, self.engine, self.channels, self.templates, settings.sender(), clock, self.metrics
         )
-        self.inbox = Inbox(self.db, self.engine, clock, self.metrics)
+        self.inbox = Inbox(self.db, self.engine, clock, self.metrics, self._reader)
         self.broker = brokers.create_broker(settings.redis_url)
         self.actor = brokers.declare_dispatch(self.broker, self.dispatcher.dispatch)
         self.scheduler = Scheduler(
@@ -226,6 +226,15 @@ class Service:
             )
             index += 1
         return items
+
+    def _reader(self, source: str) -> Reader | None:
+        """The reader of a source's deliveries, with the rules (and so the CRM mapping) loaded now."""
+        from cadence.crm import adapters
+
+        adapter = adapters().get(source)
+        if adapter is None:
+            return None
+        return lambda body: adapter.read(body, self._rules)
 
     def _queue(self, touch_id: int) -> None:
         self.actor.send(touch_id)

@@ -58,8 +58,8 @@ def test_an_event_is_processed_once_however_often_it_is_offered(tmp_path: Path) 
         body = deal_event()
         row_id = _stored_but_not_processed(harness, body)
         inbox = harness.service.inbox
-        first = inbox.process(row_id, "generic", Event.model_validate(body))
-        second = inbox.process(row_id, "generic", Event.model_validate(body))
+        first = inbox.process(row_id, "generic", [Event.model_validate(body)])
+        second = inbox.process(row_id, "generic", [Event.model_validate(body)])
         assert first is not None and len(first.enrolled) == 1
         assert second is None
         assert len(harness.enrollments()) == 1
