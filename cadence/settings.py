@@ -82,6 +82,26 @@ class Settings(BaseSettings):
     print_api_key: str | None = None
     print_timeout_seconds: float = 30.0
 
+    # --- CRMs: the credential each one's webhooks carry (unset: that CRM's webhooks are refused) ----------
+    #: Pipedrive: the HTTP Basic user and password set on the webhook.
+    pipedrive_user: str | None = None
+    pipedrive_password: str | None = None
+    #: HubSpot: the app's client secret (signatures v1 and v3).
+    hubspot_client_secret: str | None = None
+    #: amoCRM / Kommo: a secret in the webhook URL, `?secret=…`.
+    amocrm_secret: str | None = None
+    #: Bitrix24: the application token, sent as auth[application_token].
+    bitrix24_application_token: str | None = None
+    #: Seconds a HubSpot v3 signature's timestamp may be old.
+    hubspot_tolerance_seconds: int = 300
+
+    # --- outbound: touches and outcomes posted back to a CRM (or anything else) -------------------------------
+    #: Where each sent touch and each outcome is posted as JSON; unset posts nothing.
+    outbound_url: str | None = None
+    #: Signs them: X-Cadence-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of "t." + body>.
+    outbound_secret: str | None = None
+    outbound_timeout_seconds: float = 10.0
+
     log_level: str = "INFO"
     log_json: bool = True
 
