@@ -18,7 +18,7 @@ import jinja2
 import sqlalchemy as sa
 from sqlmodel import Session, col, select, update
 
-from cadence import sandbox, store, timing
+from cadence import outbound, sandbox, store, timing
 from cadence.clock import Clock
 from cadence.engine import Engine, touch_view
 from cadence.language import Calendar, Touchpoint
@@ -129,6 +129,8 @@ class Dispatcher:
                         "reference": receipt.reference,
                     }
                     self.finish(s, touch, TouchStatus.sent, None)
+                    if self.engine.activity:
+                        outbound.touch_sent(s, touch, self.clock())
                 return
             except sa.exc.OperationalError:
                 if attempt == RECORD_ATTEMPTS:

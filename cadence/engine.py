@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 import sqlalchemy as sa
 from sqlmodel import Session, SQLModel, col, select
 
-from cadence import sandbox, timing
+from cadence import outbound, sandbox, timing
 from cadence.events import ContactData, DealData, Event
 from cadence.language import CadenceSpec, Calendar, Option, Parsed, Touchpoint, Variant, parse
 from cadence.models import (
@@ -176,9 +176,11 @@ def _spec_from_text(text: str, file: str) -> CadenceSpec:
 class Engine:
     """Decisions about enrollments and touches; the rules come from a provider so reloads are seen at once."""
 
-    def __init__(self, rules: Callable[[], RuleSet], default_timezone: str) -> None:
+    def __init__(self, rules: Callable[[], RuleSet], default_timezone: str, activity: bool = False) -> None:
         self._rules = rules
         self.default_timezone = default_timezone
+        #: Keep touches sent and outcomes recorded to be posted back (OUTBOUND_URL is set).
+        self.activity = activity
 
     @property
     def policy(self) -> Policy:
@@ -753,6 +755,8 @@ class Engine:
         )
         s.add(outcome)
         s.flush()
+        if self.activity:
+            outbound.outcome_recorded(s, outcome, now)
         self._block(s, outcome, now)
         if touch is not None:
             task = s.exec(select(CallTask).where(CallTask.touch_id == touch.id)).first()

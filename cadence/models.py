@@ -1,4 +1,4 @@
-"""The store's tables: contacts, deals, cadence versions, enrollments, touches, outcomes, call tasks."""
+"""The store's tables: contacts, deals, cadence versions, enrollments, touches, outcomes, call tasks, API keys."""
 
 from __future__ import annotations
 
@@ -43,12 +43,16 @@ class TouchStatus:
     failed = "failed"
     skipped = "skipped"
     cancelled = "cancelled"
+    #: Kept back while its enrollment is paused: the scheduler claims only planned touches.
+    held = "held"
 
 
 class EnrollmentStatus:
     active = "active"
     completed = "completed"
     exited = "exited"
+    #: Stopped for now by hand: its touches are held until it is resumed.
+    paused = "paused"
 
 
 class Contact(SQLModel, table=True):
@@ -224,3 +228,33 @@ class InboundEvent(SQLModel, table=True):
     error: str | None = None
     received_at: datetime = _when()
     processed_at: datetime | None = _when(default=None)
+
+
+class Activity(SQLModel, table=True):
+    """A touch sent or an outcome recorded, kept to be posted to OUTBOUND_URL: written in the same
+    transaction as what it reports, so a crash cannot lose it; posted until the receiver takes it."""
+
+    __table_args__ = (sa.Index("ix_activity_pending", "posted_at", "next_try_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=32, description="touch.sent or outcome.recorded")
+    payload: dict[str, Any] = _json()
+    created_at: datetime = _when()
+    next_try_at: datetime = _when()
+    posted_at: datetime | None = _when(default=None)
+    attempts: int = 0
+    last_error: str | None = None
+
+
+class ApiKey(SQLModel, table=True):
+    """A caller of the API: a role, for a manager the deal owner it acts as, and only the secret's hash."""
+
+    __tablename__ = "api_key"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=200)
+    role: str = Field(max_length=16, description="admin, integration or manager")
+    owner: str | None = Field(default=None, max_length=128, description="a manager's name as deals carry it")
+    secret_hash: str = Field(max_length=64, unique=True, description="sha256 of the secret, hex")
+    created_at: datetime = _when()
+    revoked_at: datetime | None = _when(default=None)

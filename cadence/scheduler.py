@@ -30,6 +30,7 @@ class Tick:
     failed: list[int] = field(default_factory=list)
     replayed: list[int] = field(default_factory=list)
     enrolled: list[int] = field(default_factory=list)
+    posted: list[int] = field(default_factory=list)
 
 
 class Scheduler:
@@ -43,6 +44,7 @@ class Scheduler:
         take_back: Callable[[Session, Touch, str], bool],
         replay_inbox: Callable[[datetime], list[int]],
         blocks_ended: Callable[[Session, datetime], list[int]] | None = None,
+        post_activity: Callable[[], list[int]] | None = None,
     ) -> None:
         self.db = db
         self.send = send
@@ -54,6 +56,8 @@ class Scheduler:
         self.replay_inbox = replay_inbox
         #: Enrolls contacts whose blocks ended into the cadences that start then.
         self.blocks_ended = blocks_ended
+        #: Posts touches sent and outcomes recorded back to OUTBOUND_URL.
+        self.post_activity = post_activity
 
     def tick(self) -> Tick:
         """One pass: finish events a crash interrupted, claim what is due, re-send what was lost."""
@@ -71,6 +75,8 @@ class Scheduler:
         self._sweep(result)
         for touch_id in result.requeued:
             self.send(touch_id)
+        if self.post_activity is not None:
+            result.posted = self.post_activity()
         return result
 
     def _claim_due(self) -> list[int]:

@@ -24,6 +24,7 @@ from cadence.inbox import Inbox, Reader
 from cadence.language import CadenceSpec
 from cadence.metrics import Metrics
 from cadence.models import Contact, Enrollment, EnrollmentStatus, Outcome, Touch
+from cadence.outbound import Poster
 from cadence.rules import RuleSet
 from cadence.scheduler import Scheduler
 from cadence.settings import Settings
@@ -76,7 +77,10 @@ class Service:
         store.migrate(self.db)
         self._rules = self._load_rules()
         self._reloading = threading.RLock()
-        self.engine = Engine(lambda: self._rules, settings.default_timezone)
+        self.engine = Engine(
+            lambda: self._rules, settings.default_timezone, activity=bool(settings.outbound_url)
+        )
+        self.poster = Poster(self.db, settings, clock)
         self.channels = build_channels(settings, self.db, clock)
         self.templates = sandbox.template_environment(settings.templates_dir)
         self.metrics = Metrics()
@@ -95,6 +99,7 @@ class Service:
             take_back=self.dispatcher.take_back,
             replay_inbox=self.inbox.replay,
             blocks_ended=self.engine.blocks_ended,
+            post_activity=self.poster.post_pending,
         )
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()

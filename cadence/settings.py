@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     #: Seconds a HubSpot v3 signature's timestamp may be old.
     hubspot_tolerance_seconds: int = 300
 
-    # --- outbound: touches and outcomes posted back to a CRM (or anything else) -------------------------------
+    # --- outbound: touches and outcomes posted back to a CRM (or anything else) -------------------------
     #: Where each sent touch and each outcome is posted as JSON; unset posts nothing.
     outbound_url: str | None = None
     #: Signs them: X-Cadence-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of "t." + body>.

@@ -22,6 +22,8 @@ from cadence.models import CadenceVersion, Contact, Enrollment, EnrollmentStatus
 
 NOW = datetime(2026, 11, 23, 6, 0, tzinfo=UTC)
 TABLES = {
+    "api_key",
+    "activity",
     "block",
     "cadence_version",
     "call_task",
