@@ -44,3 +44,10 @@ def verify(key: bytes, token: str) -> str | None:
     if not value:
         return None
     return value if hmac.compare_digest(sign(key, value), token) else None
+
+
+def idempotency_key(key: bytes, touch_key: str) -> str:
+    """A provider's idempotency key for a touch: the touch key, prefixed by this installation's own mark so
+    two installations (or a database started afresh) on one provider account cannot collide."""
+    mark = hmac.new(key, b"idempotency", hashlib.sha256).hexdigest()[:12]
+    return f"cadence-{mark}-{touch_key}"

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 
+from cadence import signing
 from channels import Channel, DeliveryError, Message, RateLimited, Receipt, TransientError
 from channels.letter_pdf import lines, page
 from channels.limits import Limits
@@ -88,6 +89,7 @@ class PrintApiLetters(Channel):
         self.timeout = settings.print_timeout_seconds
         self.sender = address(settings.sender_name, settings.sender_company, settings.sender_address, {})
         self.limit = limits.per_window("print-api", REQUESTS_PER_WINDOW, WINDOW_SECONDS)
+        self.signing_key = signing.secret_key(settings)
 
     def payload(self, message: Message) -> dict[str, Any]:
         contact = message.contact
@@ -109,7 +111,7 @@ class PrintApiLetters(Channel):
                 self.url,
                 json=self.payload(message),
                 auth=(self.key, ""),
-                headers={"Idempotency-Key": message.key},
+                headers={"Idempotency-Key": signing.idempotency_key(self.signing_key, message.key)},
                 timeout=self.timeout,
             )
         except httpx.TransportError as exc:  # refused, reset, timed out: the key makes a retry safe

@@ -109,7 +109,7 @@ class SmsGateway(Channel):
                     "StatusCallback": status_callback_url(self.settings, self.key, message.touch_id),
                 },
                 auth=self.auth,
-                headers={"Idempotency-Key": message.key},
+                headers={"Idempotency-Key": signing.idempotency_key(self.key, message.key)},
                 timeout=self.settings.sms_timeout_seconds,
             )
         except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:

@@ -341,7 +341,9 @@ def test_the_print_api_gets_the_letter_its_addresses_and_the_touch_key(
         "expected_delivery_date": "2026-11-30",
     }
     [request] = print_api.requests
-    assert request["headers"]["idempotency-key"] == touch.key
+    # The touch key, marked with this installation's own prefix (from its secret key).
+    sent_key = request["headers"]["idempotency-key"]
+    assert sent_key.startswith("cadence-") and sent_key.endswith(f"-{touch.key}")
     body = request["body"]
     assert body["to"] == {
         "name": "Boris Ivanov",

@@ -102,3 +102,12 @@ def test_a_rate_limited_touch_waits_and_goes_once_without_spending_attempts(harn
     [first, *_] = harness.touches()
     assert (first.status, first.attempts) == (TouchStatus.sent, 1)
     assert limited.sent == [first.key]
+
+
+def test_idempotency_keys_differ_between_installations_for_the_same_touch() -> None:
+    from cadence.signing import idempotency_key
+
+    one, other = idempotency_key(b"first secret", "7-0-0"), idempotency_key(b"second secret", "7-0-0")
+    assert one != other
+    assert one == idempotency_key(b"first secret", "7-0-0")  # stable: a retry carries the same key
+    assert one.endswith("-7-0-0") and other.endswith("-7-0-0")

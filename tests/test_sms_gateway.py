@@ -186,7 +186,8 @@ def test_a_text_reaches_the_gateway_in_twilios_shape_and_the_receipt_keeps_sid_a
     assert form["From"] == SENDER
     assert form["Body"] == CYRILLIC_100
     assert form["StatusCallback"].startswith(f"{PUBLIC}/sms/status/{first.id}.")
-    assert gateway.headers[0]["Idempotency-Key"] == first.key
+    sent_key = gateway.headers[0]["Idempotency-Key"]
+    assert sent_key.startswith("cadence-") and sent_key.endswith(f"-{first.key}")
     assert first.status == TouchStatus.sent
     assert first.receipt == {
         "provider": "sms-gateway",
