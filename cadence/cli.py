@@ -551,5 +551,75 @@ def print_batch(
     print(f"manifest: {manifest}")
 
 
+keys_app = typer.Typer(help="API keys: make one for a manager, an integration or an admin; list; revoke.")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    role: Annotated[str, typer.Option(help="admin, integration or manager.")],
+    name: Annotated[str, typer.Option(help='What the key is for, e.g. "Ivan\'s phone".')],
+    owner: Annotated[
+        str | None, typer.Option(help="For a manager: their name as deals carry it in `owner`.")
+    ] = None,
+) -> None:
+    """Make a key and print its secret: it is shown this once and stored only as a hash."""
+    from datetime import UTC
+
+    from cadence import keys, store
+
+    settings = Settings()
+    db = store.create_engine(settings.database_url)
+    store.migrate(db)
+    try:
+        key, secret = keys.create(db, name, role, owner, datetime.now(UTC))
+    except keys.BadKey as exc:
+        raise typer.BadParameter(str(exc), param_hint=f"--{exc.field}") from exc
+    _err.print(f"key {key.id} ({key.role}{f', {key.owner}' if key.owner else ''}): {key.name}", markup=False)
+    _err.print("The secret, shown only now; send it as Authorization: Bearer <secret>", markup=False)
+    print(secret)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """Every key: id, role, owner, name, when made and revoked. Secrets are not stored, so not shown."""
+    from cadence import keys, store
+
+    settings = Settings()
+    db = store.create_engine(settings.database_url)
+    store.migrate(db)
+    table = Table("id", "role", "owner", "name", "created", "revoked")
+    for key in keys.listing(db):
+        revoked = key.revoked_at.isoformat(timespec="seconds") if key.revoked_at else ""
+        table.add_row(
+            str(key.id),
+            key.role,
+            key.owner or "",
+            key.name,
+            key.created_at.isoformat(timespec="seconds"),
+            revoked,
+        )
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[int, typer.Argument(help="The key's id, from `cadence keys list`.")],
+) -> None:
+    """Revoke a key: requests with it are refused from now on."""
+    from datetime import UTC
+
+    from cadence import keys, store
+
+    settings = Settings()
+    db = store.create_engine(settings.database_url)
+    store.migrate(db)
+    key = keys.revoke(db, key_id, datetime.now(UTC))
+    if key is None:
+        _err.print(f"no key {key_id}", markup=False)
+        raise typer.Exit(1)
+    print(f"key {key.id} revoked at {key.revoked_at.isoformat() if key.revoked_at else ''}")
+
+
 def main() -> None:
     app()

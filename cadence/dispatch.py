@@ -142,6 +142,11 @@ class Dispatcher:
         """Late binding: everything that may have changed since planning is checked now."""
         touch = s.get_one(Touch, touch_id)
         enrollment = s.get_one(Enrollment, touch.enrollment_id)
+        if enrollment.status == EnrollmentStatus.paused:
+            # Paused while this touch was on its way: it waits with the others until the enrollment resumes.
+            touch.status, touch.queued_at, touch.status_reason = TouchStatus.held, None, "enrollment paused"
+            touch.attempts -= 1
+            return Result(touch_id, TouchStatus.held, "enrollment paused"), None
         if enrollment.status != EnrollmentStatus.active:
             return self._close(touch, TouchStatus.cancelled, f"enrollment {enrollment.status}"), None
         now = self.clock()
@@ -358,8 +363,10 @@ class Dispatcher:
         result = self._close(touch, status, reason)
         self.metrics.touches.labels(touch.channel, status).inc()
         enrollment = s.get_one(Enrollment, touch.enrollment_id)
-        if enrollment.status == EnrollmentStatus.active:
-            self.engine.plan(s, enrollment, touch.step_index + 1, self.clock())
+        if enrollment.status in (EnrollmentStatus.active, EnrollmentStatus.paused):
+            following = self.engine.plan(s, enrollment, touch.step_index + 1, self.clock())
+            if following is not None and enrollment.status == EnrollmentStatus.paused:
+                following.status, following.status_reason = TouchStatus.held, "enrollment paused"
         return result
 
     def take_back(self, s: Session, touch: Touch, why: str) -> bool:

@@ -7,8 +7,9 @@ the unit of change: an event either has all its effects or none.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -22,6 +23,7 @@ from cadence import outbound, sandbox, timing
 from cadence.events import ContactData, DealData, Event
 from cadence.language import CadenceSpec, Calendar, Option, Parsed, Touchpoint, Variant, parse
 from cadence.models import (
+    Activity,
     Block,
     CadenceVersion,
     CallTask,
@@ -29,6 +31,7 @@ from cadence.models import (
     Deal,
     Enrollment,
     EnrollmentStatus,
+    InboundEvent,
     Outcome,
     Touch,
     TouchStatus,
@@ -223,8 +226,13 @@ class Engine:
             contact = self.upsert_contact(s, source, event.contact, now)
         elif deal is not None and deal.contact_id is not None:
             contact = s.get_one(Contact, deal.contact_id)
+        elif event.deal is not None:
+            # A CRM that sends a deal without its contact (HubSpot, Bitrix24): keep the deal; it is enrolled
+            # once an event brings the contact, since a cadence touches a person.
+            self._upsert_deal_alone(s, source, event, deal, now)
+            return effects
         else:
-            raise EngineError("a deal seen for the first time needs its `contact`", field="contact")
+            raise EngineError("an event needs a `contact` or a `deal`", field="contact")
         if event.deal is not None:
             deal = self.upsert_deal(s, source, event.deal, contact, deal, now)
             if event.type in ("deal.won", "deal.lost"):
@@ -233,6 +241,22 @@ class Engine:
         self.review(s, contact, now, effects)
         self._enroll_matching(s, event, contact, deal, now, effects)
         return effects
+
+    def _upsert_deal_alone(
+        self, s: Session, source: str, event: Event, deal: Deal | None, now: datetime
+    ) -> None:
+        assert event.deal is not None
+        if deal is None:
+            data = event.deal
+            deal = _get_or_insert(
+                s,
+                lambda: self._find_deal(s, source, data),
+                lambda: Deal(source=source, external_id=data.id, created_at=now, updated_at=now),
+            )
+        _apply(deal, event.deal, _DEAL_COLUMNS, now)
+        if event.type in ("deal.won", "deal.lost"):
+            deal.status = event.type.removeprefix("deal.")
+        s.flush()
 
     def upsert_contact(self, s: Session, source: str, data: ContactData, now: datetime) -> Contact:
         def existing() -> Contact | None:
@@ -330,7 +354,9 @@ class Engine:
         earlier = select(Enrollment.id).where(Enrollment.cadence_name == name, Enrollment.subject == subject)
         if rule == "never":
             return s.exec(earlier).first() is not None
-        barring = col(Enrollment.status) == EnrollmentStatus.active
+        barring: sa.ColumnElement[bool] = col(Enrollment.status).in_(
+            [EnrollmentStatus.active, EnrollmentStatus.paused]
+        )
         cool_off = enroll.cool_off if enroll else None
         if cool_off is not None:
             barring = barring | (col(Enrollment.ended_at) > now - cool_off)
@@ -773,3 +799,175 @@ class Engine:
         s.flush()
         self.review(s, contact, now, effects)
         return outcome, effects
+
+    # --- by hand --------------------------------------------------------------------------------------------
+
+    def pause(self, s: Session, enrollment: Enrollment, now: datetime) -> None:
+        """Keep an active enrollment's touches from going out: those planned or queued are held (the
+        scheduler claims only planned ones, and a worker sends only what it claimed from queued)."""
+        if enrollment.status != EnrollmentStatus.active:
+            raise EngineError(f"enrollment {enrollment.id} is {enrollment.status}; only an active one pauses")
+        enrollment.status = EnrollmentStatus.paused
+        for touch in self._touches_in(s, enrollment, TouchStatus.planned, TouchStatus.queued):
+            touch.status = TouchStatus.held
+            touch.status_reason = f"enrollment paused at {now.isoformat()}"
+        s.flush()
+
+    def resume(self, s: Session, enrollment: Enrollment, now: datetime) -> None:
+        """Make a paused enrollment active again. A held touch still ahead keeps its time; one whose time
+        passed while paused is planned again from now, keeping its spacing from the step before it."""
+        if enrollment.status != EnrollmentStatus.paused:
+            raise EngineError(f"enrollment {enrollment.id} is {enrollment.status}; only a paused one resumes")
+        try:
+            with s.begin_nested():
+                enrollment.status = EnrollmentStatus.active
+                s.flush()
+        except sa.exc.IntegrityError:
+            s.refresh(enrollment)
+            raise EngineError(
+                f"{enrollment.subject} is already active in {enrollment.cadence_name} again; stop that first"
+            ) from None
+        spec = self.spec_of(s, enrollment)
+        contact = s.get_one(Contact, enrollment.contact_id)
+        for touch in self._touches_in(s, enrollment, TouchStatus.held):
+            touch.status = TouchStatus.planned
+            touch.status_reason = f"resumed at {now.isoformat()}"
+            point = spec.touchpoint(touch.step_index)
+            if touch.due_at >= now or point is None:
+                continue
+            if touch.iteration == 0:
+                touch.due_at = max(
+                    now, self.due(spec, contact, enrollment, touch.step_index, touch.channel, now)
+                )
+            else:
+                zone, calendar = self.placement(spec, point, touch.channel, contact.timezone, contact.country)
+                touch.due_at = timing.due_at(now, 0, calendar, zone, point.at)
+        s.flush()
+
+    def stop(self, s: Session, enrollment: Enrollment, reason: str, now: datetime) -> None:
+        """End an active or paused enrollment by hand: what it has not sent is cancelled; no `then`."""
+        if enrollment.status == EnrollmentStatus.active:
+            self.end(s, enrollment, EnrollmentStatus.exited, reason, now)
+            return
+        if enrollment.status != EnrollmentStatus.paused:
+            raise EngineError(f"enrollment {enrollment.id} has already ended ({enrollment.status})")
+        for touch in self._touches_in(s, enrollment, TouchStatus.held, TouchStatus.planned):
+            touch.status = TouchStatus.cancelled
+            touch.status_reason = reason
+            touch.finished_at = now
+        touches = select(Touch.id).where(Touch.enrollment_id == enrollment.id)
+        for task in s.exec(
+            select(CallTask).where(col(CallTask.touch_id).in_(touches), CallTask.status == "open")
+        ).all():
+            task.status = "cancelled"
+        enrollment.status = EnrollmentStatus.exited
+        enrollment.ended_at = now
+        enrollment.end_reason = reason
+        s.flush()
+
+    @staticmethod
+    def _touches_in(s: Session, enrollment: Enrollment, *statuses: str) -> list[Touch]:
+        return list(
+            s.exec(
+                select(Touch).where(Touch.enrollment_id == enrollment.id, col(Touch.status).in_(statuses))
+            ).all()
+        )
+
+    def forget(self, s: Session, contact_id: int) -> dict[str, int]:
+        """Erase a contact and everything about them: their deals, enrollments, touches, outcomes, call
+        tasks, blocks, the activity kept to post about them, and the stored webhook bodies that name them
+        (by their external id from the same source, their email or their phone). Returns rows erased."""
+        contact = s.get(Contact, contact_id)
+        if contact is None:
+            raise EngineError(f"no contact {contact_id}", field="id", not_found=True)
+        deals = list(s.exec(select(Deal.id).where(Deal.contact_id == contact_id)).all())
+        enrollments = list(
+            s.exec(
+                select(Enrollment.id).where(
+                    (col(Enrollment.contact_id) == contact_id) | col(Enrollment.deal_id).in_(deals)
+                )
+            ).all()
+        )
+        touches = list(s.exec(select(Touch.id).where(col(Touch.enrollment_id).in_(enrollments))).all())
+        outcomes = list(
+            s.exec(
+                select(Outcome.id).where(
+                    (col(Outcome.contact_id) == contact_id)
+                    | col(Outcome.deal_id).in_(deals)
+                    | col(Outcome.enrollment_id).in_(enrollments)
+                    | col(Outcome.touch_id).in_(touches)
+                )
+            ).all()
+        )
+        erased: dict[str, int] = {}
+
+        def erase(name: str, model: type[SQLModel], where: Any) -> None:
+            erased[name] = s.exec(sa.delete(model).where(where)).rowcount
+
+        erase("activity", Activity, col(Activity.id).in_(self._activity_about(s, contact_id, enrollments)))
+        erase("inbound_events", InboundEvent, col(InboundEvent.id).in_(self._bodies_naming(s, contact)))
+        erase("blocks", Block, (col(Block.contact_id) == contact_id) | col(Block.outcome_id).in_(outcomes))
+        erase(
+            "call_tasks",
+            CallTask,
+            (col(CallTask.contact_id) == contact_id)
+            | col(CallTask.touch_id).in_(touches)
+            | col(CallTask.deal_id).in_(deals),
+        )
+        erase("outcomes", Outcome, col(Outcome.id).in_(outcomes))
+        erase("touches", Touch, col(Touch.id).in_(touches))
+        erase("enrollments", Enrollment, col(Enrollment.id).in_(enrollments))
+        erase("deals", Deal, col(Deal.id).in_(deals))
+        erase("contacts", Contact, col(Contact.id) == contact_id)
+        s.expunge_all()
+        return erased
+
+    @staticmethod
+    def _activity_about(s: Session, contact_id: int, enrollments: list[int | None]) -> list[int]:
+        found = []
+        for row in s.exec(select(Activity)).all():
+            refs = row.payload
+            contact = refs.get("contact") or {}
+            enrollment = refs.get("enrollment") or {}
+            if contact.get("id") == contact_id or enrollment.get("id") in enrollments:
+                found.append(row.id or 0)
+        return found
+
+    @staticmethod
+    def _bodies_naming(s: Session, contact: Contact) -> list[int]:
+        """Stored deliveries naming the contact: a JSON body with one of its values as a whole string (or
+        number), any other body containing one."""
+        own = {contact.external_id}
+        anywhere = {v for v in (contact.email, contact.phone) if v}
+        found = []
+        candidates = s.exec(
+            select(InboundEvent).where(
+                sa.or_(
+                    (col(InboundEvent.source) == contact.source)
+                    & col(InboundEvent.body).contains(contact.external_id),
+                    *(col(InboundEvent.body).contains(v) for v in anywhere),
+                )
+            )
+        ).all()
+        for row in candidates:
+            names = own | anywhere if row.source == contact.source else anywhere
+            try:
+                leaves = set(_leaves(json.loads(row.body)))
+            except ValueError:
+                found.append(row.id or 0)
+                continue
+            if leaves & names:
+                found.append(row.id or 0)
+        return found
+
+
+def _leaves(value: Any) -> Iterator[str]:
+    """Every string and number in a JSON value, as text."""
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _leaves(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _leaves(item)
+    elif isinstance(value, str | int | float) and not isinstance(value, bool):
+        yield str(value)

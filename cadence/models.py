@@ -1,4 +1,4 @@
-"""The store's tables: contacts, deals, cadence versions, enrollments, touches, outcomes, call tasks, API keys."""
+"""The store's tables: contacts, deals, cadence versions, enrollments, touches, outcomes, call tasks, keys."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jinja2
 
@@ -15,11 +16,26 @@ from cadence.policy import POLICY_FILE, Policy
 from cadence.policy import parse as parse_policy
 from channels import PARTS
 
+if TYPE_CHECKING:
+    from cadence.crm.mapping import CrmMap
+
+#: The file name of the CRM mapping (cadence/crm/mapping.py) inside a rules folder. The CRM package is
+#: imported only when needed: it needs the engine, and the engine needs this module.
+CRM_FILE = "crm.yaml"
+
+
+def _default_crm() -> CrmMap:
+    from cadence.crm.mapping import CrmMap
+
+    return CrmMap()
+
 
 @dataclass(frozen=True)
 class RuleSet:
     cadences: dict[str, Parsed]
     policy: Policy = field(default_factory=Policy)
+    #: How each CRM's stages, statuses and fields read as Cadence's (`crm.yaml`).
+    crm: CrmMap = field(default_factory=_default_crm)
 
     def get(self, name: str) -> CadenceSpec:
         return self.cadences[name].spec
@@ -29,7 +45,7 @@ class RuleSet:
 
 
 def rule_files(paths: Iterable[Path]) -> list[Path]:
-    """Every YAML file named, or inside a folder named; the policy file among them is not a cadence."""
+    """Every YAML file named, or inside a folder named; the policy and CRM files are not cadences."""
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
@@ -94,10 +110,13 @@ def _check_quiet_hours(parsed: Parsed, policy: Policy) -> list[Problem]:
 
 def load(paths: Iterable[Path], templates_dir: Path) -> RuleSet:
     """Parse and cross-check every file; raises RulesError with every problem, so nothing half-loads."""
+    from cadence.crm import mapping
+
     problems: list[Problem] = []
     parsed: dict[str, Parsed] = {}
     env = sandbox.template_environment(templates_dir)
     policy = Policy()
+    crm = mapping.CrmMap()
     for path in rule_files(paths):
         file = _display(path)
         try:
@@ -108,6 +127,9 @@ def load(paths: Iterable[Path], templates_dir: Path) -> RuleSet:
         try:
             if path.name == POLICY_FILE:
                 policy = parse_policy(text, file)
+                continue
+            if path.name == CRM_FILE:
+                crm = mapping.parse(text, file)
                 continue
             one = parse(text, file)
         except RulesError as exc:
@@ -139,4 +161,4 @@ def load(paths: Iterable[Path], templates_dir: Path) -> RuleSet:
                 )
     if problems:
         raise RulesError(problems)
-    return RuleSet(parsed, policy)
+    return RuleSet(parsed, policy, crm)

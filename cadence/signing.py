@@ -41,7 +41,7 @@ def sign(key: bytes, value: str) -> str:
 def verify(key: bytes, token: str) -> str | None:
     """The value a token signed, or None when it was not signed with this key."""
     value, _, _ = token.rpartition(".")
-    if not value:
+    if not value or not token.isascii():
         return None
     return value if hmac.compare_digest(sign(key, value), token) else None
 

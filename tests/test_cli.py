@@ -119,7 +119,7 @@ def test_lint_json_on_the_shipped_rules(runner: CliRunner) -> None:
     assert result.exit_code == 0
     report = json.loads(result.stdout)
     # Every rules file but the policy is a cadence named after its file.
-    cadences = sorted(p.stem for p in Path(RULES).glob("*.yaml") if p.name != "policy.yaml")
+    cadences = sorted(p.stem for p in Path(RULES).glob("*.yaml") if p.name not in ("policy.yaml", "crm.yaml"))
     assert len(cadences) >= 3
     assert report == {"ok": True, "cadences": cadences, "problems": []}
 

@@ -10,6 +10,7 @@ from harness import Harness, deal_event, make_settings, start_harness
 from sqlmodel import select
 
 from cadence import store
+from cadence.engine import EngineError
 from cadence.events import Event
 from cadence.models import InboundEvent
 
@@ -70,15 +71,18 @@ def test_an_event_is_processed_once_however_often_it_is_offered(tmp_path: Path) 
 def test_an_event_the_engine_cannot_apply_is_kept_as_failed_with_why(tmp_path: Path) -> None:
     harness = start_harness(make_settings(tmp_path))
     try:
-        body = deal_event()
-        del body["contact"]  # a deal never seen before, without its contact
-        response = harness.post("/webhooks/generic", body)
+
+        def refuse(*args: object) -> None:
+            raise EngineError("no cadence named 'gone'", field="cadence")
+
+        harness.service.engine.handle_event = refuse  # type: ignore[method-assign]
+        response = harness.post("/webhooks/generic", deal_event())
         assert response.status_code == 422
-        assert response.json()["error"]["field"] == "contact"
+        assert response.json()["error"]["field"] == "cadence"
         with store.session(harness.service.db) as s:
             [row] = s.exec(select(InboundEvent)).all()
         assert (row.status, row.event_id) == ("failed", "evt-1")
-        assert row.error is not None and "contact" in row.error
+        assert row.error is not None and "no cadence named 'gone'" in row.error
         assert harness.enrollments() == []
     finally:
         harness.stop()

@@ -45,7 +45,7 @@ def position(text: str, needle: str, occurrence: int = 1) -> tuple[int, int]:
 
 
 def test_shipped_rules_load_cleanly(shipped: rules.RuleSet) -> None:
-    files = {p.stem for p in RULES.glob("*.yaml") if p.name != "policy.yaml"}
+    files = {p.stem for p in RULES.glob("*.yaml") if p.name not in ("policy.yaml", "crm.yaml")}
     assert {"open-deal", "lost-prospect-nurture", "onboarding", "post-meeting", "warm-letters"} <= files
     assert set(shipped.cadences) == files
     for name, parsed in shipped.cadences.items():

@@ -16,6 +16,7 @@ from cadence.cli import app
 from cadence.errors import RulesError
 from cadence.language import parse
 from cadence.policy import POLICY_FILE
+from cadence.rules import CRM_FILE
 from cadence.schema import SCHEMA_FILE, cadence_schema, render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +24,7 @@ SHIPPED = ROOT / SCHEMA_FILE
 CADENCE_FILES = sorted(
     path
     for path in (*ROOT.glob("rules/*.yaml"), *ROOT.glob("examples/**/*.yaml"))
-    if path.name != POLICY_FILE
+    if path.name not in (POLICY_FILE, CRM_FILE)
 )
 MODELINE = "# yaml-language-server: $schema="
 

@@ -66,5 +66,10 @@ class Generic:
 
 def adapters() -> dict[str, Adapter]:
     """Every source `POST /webhooks/{source}` accepts."""
-    found: list[Adapter] = [Generic()]
+    from cadence.crm.amocrm import AmoCrm
+    from cadence.crm.bitrix24 import Bitrix24
+    from cadence.crm.hubspot import HubSpot
+    from cadence.crm.pipedrive import Pipedrive
+
+    found: list[Adapter] = [Generic(), Pipedrive(), HubSpot(), AmoCrm(), Bitrix24()]
     return {adapter.name: adapter for adapter in found}
