@@ -34,7 +34,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from cadence import __version__, email_api, keys, sms_api, store, timing
+from cadence import __version__, email_api, keys, pages, sms_api, store, timing
+from cadence import reports as reporting
 from cadence import simulate as simulation
 from cadence.crm import Delivery, adapters
 from cadence.engine import EngineError
@@ -1347,7 +1348,13 @@ def create_app(service: Service, background: bool = True) -> Starlette:
         if (key := (op.method, op.path)) in handlers or key in open_to_all
     ]
     return Starlette(
-        routes=[*routes, *email_api.routes(service), *sms_api.routes(service)],
+        routes=[
+            *routes,
+            *email_api.routes(service),
+            *pages.routes(service),
+            *reporting.routes(service),
+            *sms_api.routes(service),
+        ],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
     )
