@@ -716,7 +716,7 @@ def openapi_document() -> dict[str, Any]:
     schemas: dict[str, Any] = {}
     for model in (Contact, Deal, Enrollment, Touch, Outcome, Block):
         model_schema(model, schemas)
-    return document(OPERATIONS, "Cadence", __version__, schemas)
+    return document([*OPERATIONS, *pages.OPERATIONS, *reporting.OPERATIONS], "Cadence", __version__, schemas)
 
 
 def create_app(service: Service, background: bool = True) -> Starlette:
