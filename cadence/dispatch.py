@@ -84,6 +84,8 @@ class Dispatcher:
             # A provider bug or the machine (a full disk): retried like a transient error, within the cap.
             return self._delivery_failed(touch_id, TransientError(repr(exc)))
         self._record_sent(touch_id, receipt)
+        late = (self.clock() - message.due_at).total_seconds()
+        self.metrics.latency.labels(message.channel).observe(max(late, 0.0))
         log.info(
             "touch sent", extra={"touch": message.key, "channel": message.channel, "reason": message.reason}
         )

@@ -84,6 +84,7 @@ class Service:
         self.channels = build_channels(settings, self.db, clock)
         self.templates = sandbox.template_environment(settings.templates_dir)
         self.metrics = Metrics()
+        self.metrics.watch_backlog(self.db, clock)
         self.dispatcher = Dispatcher(
             self.db, self.engine, self.channels, self.templates, settings.sender(), clock, self.metrics
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -628,6 +629,29 @@ def test_metrics_count_webhooks_by_result(api: Harness) -> None:
     assert 'cadence_webhooks_total{result="processed",source="generic"} 1.0' in lines
     assert 'cadence_webhooks_total{result="duplicate",source="generic"} 1.0' in lines
     assert 'cadence_webhooks_total{result="rejected",source="generic"} 1.0' in lines
+
+
+def test_metrics_show_the_due_backlog_touches_by_channel_and_dispatch_latency(api: Harness) -> None:
+    def value(text: str, name: str) -> float:
+        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name)))
+
+    api.post("/webhooks/generic", deal_event())
+    api.clock.set(api.clock() + timedelta(hours=2))  # the first touch is now two hours overdue
+    before = api.client.get("/metrics").text
+    assert value(before, 'cadence_due_backlog{status="planned"}') == 1.0
+    assert value(before, 'cadence_due_backlog{status="queued"}') == 0.0
+
+    api.service.scheduler.tick()
+    api.drain()
+
+    after = api.client.get("/metrics").text
+    assert value(after, 'cadence_due_backlog{status="planned"}') == 0.0
+    assert value(after, 'cadence_touches_total{channel="email",status="sent"}') == 1.0
+    assert value(after, 'cadence_dispatch_latency_seconds_count{channel="email"}') == 1.0
+    assert value(after, 'cadence_dispatch_latency_seconds_sum{channel="email"}') == 2 * 3600
+    assert value(after, 'cadence_dispatch_latency_seconds_bucket{channel="email",le="900.0"}') == 0.0
+    assert value(after, 'cadence_dispatch_latency_seconds_bucket{channel="email",le="3600.0"}') == 0.0
+    assert value(after, 'cadence_dispatch_latency_seconds_bucket{channel="email",le="14400.0"}') == 1.0
 
 
 @pytest.mark.parametrize("path", ["/webhooks/generic", "/outcomes"])
