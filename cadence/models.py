@@ -258,3 +258,15 @@ class ApiKey(SQLModel, table=True):
     secret_hash: str = Field(max_length=64, unique=True, description="sha256 of the secret, hex")
     created_at: datetime = _when()
     revoked_at: datetime | None = _when(default=None)
+
+
+class Digest(SQLModel, table=True):
+    """A manager's morning digest for one local day: the unique key lets one scheduler send it."""
+
+    __table_args__ = (sa.UniqueConstraint("owner", "local_date", name="uq_digest_owner_day"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    owner: str = Field(max_length=128)
+    local_date: date
+    created_at: datetime = _when()
+    sent_at: datetime | None = _when(default=None)

@@ -31,6 +31,7 @@ class Tick:
     replayed: list[int] = field(default_factory=list)
     enrolled: list[int] = field(default_factory=list)
     posted: list[int] = field(default_factory=list)
+    digests: list[str] = field(default_factory=list)
 
 
 class Scheduler:
@@ -45,6 +46,7 @@ class Scheduler:
         replay_inbox: Callable[[datetime], list[int]],
         blocks_ended: Callable[[Session, datetime], list[int]] | None = None,
         post_activity: Callable[[], list[int]] | None = None,
+        send_digests: Callable[[], list[str]] | None = None,
     ) -> None:
         self.db = db
         self.send = send
@@ -58,6 +60,8 @@ class Scheduler:
         self.blocks_ended = blocks_ended
         #: Posts touches sent and outcomes recorded back to OUTBOUND_URL.
         self.post_activity = post_activity
+        #: Sends the managers' morning digests whose hour has come.
+        self.send_digests = send_digests
 
     def tick(self) -> Tick:
         """One pass: finish events a crash interrupted, claim what is due, re-send what was lost."""
@@ -77,6 +81,8 @@ class Scheduler:
             self.send(touch_id)
         if self.post_activity is not None:
             result.posted = self.post_activity()
+        if self.send_digests is not None:
+            result.digests = self.send_digests()
         return result
 
     def _claim_due(self) -> list[int]:

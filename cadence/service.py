@@ -17,6 +17,7 @@ from cadence import broker as brokers
 from cadence import diff, sandbox, store
 from cadence import rules as ruleset
 from cadence.clock import Clock, system_clock
+from cadence.digest import Digests
 from cadence.dispatch import Dispatcher
 from cadence.engine import Engine, pick_variant, stable_fraction
 from cadence.errors import RulesError
@@ -82,6 +83,7 @@ class Service:
         )
         self.poster = Poster(self.db, settings, clock)
         self.channels = build_channels(settings, self.db, clock)
+        self.digests = Digests(self.db, settings, self.channels["email"], clock)
         self.templates = sandbox.template_environment(settings.templates_dir)
         self.metrics = Metrics()
         self.metrics.watch_backlog(self.db, clock)
@@ -101,6 +103,7 @@ class Service:
             replay_inbox=self.inbox.replay,
             blocks_ended=self.engine.blocks_ended,
             post_activity=self.poster.post_pending,
+            send_digests=self.digests.send_due,
         )
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()

@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     outbound_secret: str | None = None
     outbound_timeout_seconds: float = 10.0
 
+    #: The team: managers' emails and time zones, for the morning digest; absent, no digests.
+    team_file: Path = Path("team.yaml")
+
     log_level: str = "INFO"
     log_json: bool = True
 

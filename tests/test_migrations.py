@@ -24,6 +24,7 @@ NOW = datetime(2026, 11, 23, 6, 0, tzinfo=UTC)
 TABLES = {
     "api_key",
     "activity",
+    "digest",
     "block",
     "cadence_version",
     "call_task",
