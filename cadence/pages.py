@@ -6,12 +6,14 @@ first), then by due time. The HTML page needs no JavaScript: each task is a card
 back here and are redirected (303) to the list.
 
 Who may call: the same API keys as the API (`Authorization: Bearer <key>` once any key or ADMIN_TOKEN
-exists): an admin, or a manager whose key's owner is the `{owner}` in the path. The check is the API's
-(`create_app`'s guard is local to it), done again here with `cadence.keys`. As with POST /outcomes, the
-posts are not limited to loopback callers while no key exists."""
+exists; in a browser, HTTP Basic with the key as the password, which the browser asks for itself): an
+admin, or a manager whose key's owner is the `{owner}` in the path. The check is the API's (`create_app`'s
+guard is local to it), done again here with `cadence.keys`. As with POST /outcomes, the posts are not
+limited to loopback callers while no key exists."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -258,6 +260,21 @@ def calls_list(s: Session, owner: str, day: date, zone: ZoneInfo) -> list[dict[s
     return found
 
 
+def _basic_password(credentials: str) -> str:
+    """The password of HTTP Basic credentials: a browser's sign-in box carries the API key there."""
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    return decoded.partition(":")[2].strip()
+
+
+def _browser(refused: Response) -> Response:
+    """A browser shows its own sign-in box for Basic: the manager types any name and the API key."""
+    refused.headers["WWW-Authenticate"] = 'Bearer, Basic realm="Cadence", charset="UTF-8"'
+    return refused
+
+
 def routes(service: Service) -> list[Route]:
     from cadence.api import _JSON, _unauthorised, error
 
@@ -269,12 +286,15 @@ def routes(service: Service) -> list[Route]:
         with store.session(service.db) as s:
             if header is not None:
                 scheme, _, secret = header.partition(" ")
-                if scheme.lower() != "bearer" or not secret.strip():
-                    return _unauthorised("send Authorization: Bearer <API key>")
-                found = keys.identify(s, settings.admin_token, secret.strip())
-                return _unauthorised(found) if isinstance(found, str) else found
+                secret = _basic_password(secret) if scheme.lower() == "basic" else secret.strip()
+                if scheme.lower() not in ("bearer", "basic") or not secret:
+                    return _browser(_unauthorised("send Authorization: Bearer <API key>"))
+                found = keys.identify(s, settings.admin_token, secret)
+                return _browser(_unauthorised(found)) if isinstance(found, str) else found
             if keys.configured(s, settings.admin_token):
-                return _unauthorised("send Authorization: Bearer <API key> (`cadence keys create` makes one)")
+                return _browser(
+                    _unauthorised("send Authorization: Bearer <API key> (`cadence keys create` makes one)")
+                )
         return keys.OPEN
 
     async def guarded(request: Request, act: Any) -> Response:

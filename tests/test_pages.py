@@ -393,6 +393,28 @@ def test_keys_are_needed_once_they_exist_and_only_admins_and_managers_may_use_th
     assert h.client.get("/managers/ivan/calls", headers=admin).status_code == 200
 
 
+def test_a_browser_signs_in_with_basic_auth_and_the_key_as_password(h: Harness) -> None:
+    import base64
+
+    secret = _key(h, "manager", "ivan")["Authorization"].removeprefix("Bearer ")
+    asked = h.client.get("/managers/ivan/calls")
+    assert asked.status_code == 401 and 'Basic realm="Cadence"' in asked.headers["WWW-Authenticate"]
+    basic = base64.b64encode(f"ivan:{secret}".encode()).decode()
+    assert (
+        h.client.get("/managers/ivan/calls", headers={"Authorization": f"Basic {basic}"}).status_code == 200
+    )
+    wrong = base64.b64encode(b"ivan:not-the-key").decode()
+    _assert_error(
+        h.client.get("/managers/ivan/calls", headers={"Authorization": f"Basic {wrong}"}),
+        401,
+        "Authorization",
+    )
+    maria = base64.b64encode(f"maria:{secret}".encode()).decode()  # the key is Ivan's, whatever name is typed
+    _assert_error(
+        h.client.get("/managers/maria/calls", headers={"Authorization": f"Basic {maria}"}), 403, "owner"
+    )
+
+
 @pytest.mark.parametrize(
     ("params", "field"),
     [({"date": "2026-13-01"}, "date"), ({"tz": "Mars/Olympus"}, "tz"), ({"format": "xml"}, "format")],
