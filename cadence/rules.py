@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,18 @@ def _check_quiet_hours(parsed: Parsed, policy: Policy) -> list[Problem]:
     return problems
 
 
+def _known(name: str, parsed: dict[str, Parsed]) -> str:
+    """A hint for an unknown cadence name: the closest known ones, not all of a large rule set."""
+    close = difflib.get_close_matches(name, list(parsed), n=3)
+    if close:
+        return f"did you mean {' or '.join(repr(c) for c in close)}?"
+    if not parsed:
+        return "no cadences are loaded"
+    few = sorted(parsed)[:5]
+    more = f" and {len(parsed) - len(few)} more" if len(parsed) > len(few) else ""
+    return f"known cadences: {', '.join(few)}{more}"
+
+
 def load(paths: Iterable[Path], templates_dir: Path) -> RuleSet:
     """Parse and cross-check every file; raises RulesError with every problem, so nothing half-loads."""
     from cadence.crm import mapping
@@ -156,7 +169,7 @@ def load(paths: Iterable[Path], templates_dir: Path) -> RuleSet:
                         line,
                         column,
                         f"{'.'.join(str(p) for p in where)} names unknown cadence {target!r}",
-                        f"known cadences: {', '.join(sorted(parsed)) or 'none'}",
+                        _known(target, parsed),
                     )
                 )
     if problems:
