@@ -730,16 +730,12 @@ def create_app(service: Service, background: bool = True) -> Starlette:
 
     def _caller(request: Request, local: bool) -> keys.Principal | Response:
         """The caller its key names; without any key in existence, anyone (loopback only if `local`)."""
-        header = request.headers.get("authorization")
         with store.session(service.db) as s:
-            if header is not None:
-                scheme, _, secret = header.partition(" ")
-                if scheme.lower() != "bearer" or not secret.strip():
-                    return _unauthorised("send Authorization: Bearer <API key>")
-                found = keys.identify(s, settings.admin_token, secret.strip())
-                return _unauthorised(found) if isinstance(found, str) else found
-            if keys.configured(s, settings.admin_token):
-                return _unauthorised("send Authorization: Bearer <API key> (`cadence keys create` makes one)")
+            found = keys.authenticate(s, settings.admin_token, request.headers.get("authorization"))
+        if isinstance(found, str):
+            return _unauthorised(found)
+        if found is not keys.OPEN:
+            return found
         if local and not _loopback(request.client.host if request.client else None):
             return error(
                 403,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
@@ -95,3 +96,40 @@ def identify(s: Session, admin_token: str | None, secret: str) -> Principal | st
     if key.revoked_at is not None:
         return f"API key {key.id} was revoked on {key.revoked_at.date().isoformat()}"
     return Principal(key.role, key.owner, key.id)
+
+
+#: Why a call without a usable key is refused.
+NO_KEY = "send Authorization: Bearer <API key>"
+
+
+def _basic_password(credentials: str) -> str:
+    """The password of HTTP Basic credentials: a browser's sign-in box carries the API key there."""
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    return decoded.partition(":")[2].strip()
+
+
+def authenticate(
+    s: Session, admin_token: str | None, header: str | None, basic: bool = False
+) -> Principal | str:
+    """The caller an Authorization header names, or why it is refused; anyone while no key exists.
+
+    With `basic`, HTTP Basic credentials count too, the key as the password (a browser's sign-in box).
+    """
+    if header is None:
+        if configured(s, admin_token):
+            return f"{NO_KEY} (`cadence keys create` makes one)"
+        return OPEN
+    scheme, _, secret = header.partition(" ")
+    scheme = scheme.lower()
+    if scheme == "basic" and basic:
+        secret = _basic_password(secret)
+    elif scheme == "bearer":
+        secret = secret.strip()
+    else:
+        secret = ""
+    if not secret:
+        return NO_KEY
+    return identify(s, admin_token, secret)

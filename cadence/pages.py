@@ -13,7 +13,6 @@ limited to loopback callers while no key exists."""
 
 from __future__ import annotations
 
-import base64
 import csv
 import io
 import json
@@ -260,15 +259,6 @@ def calls_list(s: Session, owner: str, day: date, zone: ZoneInfo) -> list[dict[s
     return found
 
 
-def _basic_password(credentials: str) -> str:
-    """The password of HTTP Basic credentials: a browser's sign-in box carries the API key there."""
-    try:
-        decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
-    except (ValueError, UnicodeDecodeError):
-        return ""
-    return decoded.partition(":")[2].strip()
-
-
 def _browser(refused: Response) -> Response:
     """A browser shows its own sign-in box for Basic: the manager types any name and the API key."""
     refused.headers["WWW-Authenticate"] = 'Bearer, Basic realm="Cadence", charset="UTF-8"'
@@ -282,20 +272,11 @@ def routes(service: Service) -> list[Route]:
 
     def caller(request: Request) -> keys.Principal | Response:
         """The caller its key names, as the API's guard finds it (anyone, while no key exists)."""
-        header = request.headers.get("authorization")
         with store.session(service.db) as s:
-            if header is not None:
-                scheme, _, secret = header.partition(" ")
-                secret = _basic_password(secret) if scheme.lower() == "basic" else secret.strip()
-                if scheme.lower() not in ("bearer", "basic") or not secret:
-                    return _browser(_unauthorised("send Authorization: Bearer <API key>"))
-                found = keys.identify(s, settings.admin_token, secret)
-                return _browser(_unauthorised(found)) if isinstance(found, str) else found
-            if keys.configured(s, settings.admin_token):
-                return _browser(
-                    _unauthorised("send Authorization: Bearer <API key> (`cadence keys create` makes one)")
-                )
-        return keys.OPEN
+            found = keys.authenticate(
+                s, settings.admin_token, request.headers.get("authorization"), basic=True
+            )
+        return _browser(_unauthorised(found)) if isinstance(found, str) else found
 
     async def guarded(request: Request, act: Any) -> Response:
         who = await run_in_threadpool(caller, request)

@@ -592,29 +592,14 @@ def _answer(
 
 
 def routes(service: Service) -> list[Route]:
-    from cadence.api import error
+    from cadence.api import _unauthorised, error
 
     settings = service.settings
 
     def caller(request: Request) -> keys.Principal | Response:
-        header = request.headers.get("authorization")
         with store.session(service.db) as s:
-            if header is not None:
-                scheme, _, secret = header.partition(" ")
-                found = (
-                    keys.identify(s, settings.admin_token, secret.strip())
-                    if scheme.lower() == "bearer" and secret.strip()
-                    else "send Authorization: Bearer <API key>"
-                )
-            elif keys.configured(s, settings.admin_token):
-                found = "send Authorization: Bearer <API key>"
-            else:
-                found = keys.OPEN
-        if isinstance(found, str):
-            refused = error(401, "unauthorised", found, "Authorization")
-            refused.headers["WWW-Authenticate"] = "Bearer"
-            return refused
-        return found
+            found = keys.authenticate(s, settings.admin_token, request.headers.get("authorization"))
+        return _unauthorised(found) if isinstance(found, str) else found
 
     def guard(
         op: Operation, handler: Callable[[QueryParams], Response]
