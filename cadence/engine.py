@@ -583,19 +583,15 @@ class Engine:
         now: datetime,
         outcome: str | None = None,
     ) -> None:
-        """End an enrollment; its touches not yet being sent, and its open call tasks, are cancelled."""
-        if enrollment.status != EnrollmentStatus.active:
+        """End an active or paused enrollment; its touches not yet being sent (held ones too), and its open
+        call tasks, are cancelled."""
+        if enrollment.status not in (EnrollmentStatus.active, EnrollmentStatus.paused):
             return
         enrollment.status = status
         enrollment.ended_at = now
         enrollment.end_reason = reason
         enrollment.end_outcome = outcome
-        pending = s.exec(
-            select(Touch).where(
-                Touch.enrollment_id == enrollment.id,
-                col(Touch.status).in_([TouchStatus.planned, TouchStatus.queued]),
-            )
-        ).all()
+        pending = self._touches_in(s, enrollment, TouchStatus.planned, TouchStatus.queued, TouchStatus.held)
         for touch in pending:
             touch.status = TouchStatus.cancelled
             touch.status_reason = reason
@@ -846,24 +842,9 @@ class Engine:
 
     def stop(self, s: Session, enrollment: Enrollment, reason: str, now: datetime) -> None:
         """End an active or paused enrollment by hand: what it has not sent is cancelled; no `then`."""
-        if enrollment.status == EnrollmentStatus.active:
-            self.end(s, enrollment, EnrollmentStatus.exited, reason, now)
-            return
-        if enrollment.status != EnrollmentStatus.paused:
+        if enrollment.status not in (EnrollmentStatus.active, EnrollmentStatus.paused):
             raise EngineError(f"enrollment {enrollment.id} has already ended ({enrollment.status})")
-        for touch in self._touches_in(s, enrollment, TouchStatus.held, TouchStatus.planned):
-            touch.status = TouchStatus.cancelled
-            touch.status_reason = reason
-            touch.finished_at = now
-        touches = select(Touch.id).where(Touch.enrollment_id == enrollment.id)
-        for task in s.exec(
-            select(CallTask).where(col(CallTask.touch_id).in_(touches), CallTask.status == "open")
-        ).all():
-            task.status = "cancelled"
-        enrollment.status = EnrollmentStatus.exited
-        enrollment.ended_at = now
-        enrollment.end_reason = reason
-        s.flush()
+        self.end(s, enrollment, EnrollmentStatus.exited, reason, now)
 
     @staticmethod
     def _touches_in(s: Session, enrollment: Enrollment, *statuses: str) -> list[Touch]:
