@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 import redis
 from harness import Harness, make_settings, start_harness
-from servers import PostgresServer, RedisServer, missing_server_message, start_postgres, start_redis
+from servers import (
+    Mailbox,
+    PostgresServer,
+    RedisServer,
+    free_port,
+    missing_server_message,
+    start_postgres,
+    start_redis,
+)
 
 
 def _need(kind: str) -> None:
@@ -57,3 +65,18 @@ def cadence(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]
     harness = start_harness(make_settings(tmp_path, **overrides))
     yield harness
     harness.stop()
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[Mailbox, int]]:
+    """A real SMTP server (aiosmtpd) on a loopback port, and the mailbox that keeps what it receives."""
+    from aiosmtpd.controller import Controller
+
+    mailbox = Mailbox()
+    port = free_port()
+    controller = Controller(mailbox, hostname="127.0.0.1", port=port, server_hostname="mx.test")
+    controller.start()
+    try:
+        yield mailbox, port
+    finally:
+        controller.stop()

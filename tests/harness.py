@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from sqlmodel import col, select
 from starlette.testclient import TestClient
 
@@ -132,3 +137,24 @@ def start_harness(settings: Settings, start: datetime = MONDAY) -> Harness:
     service.start_worker(threads=2, poll_ms=50)
     client = TestClient(create_app(service, background=False), raise_server_exceptions=True)
     return Harness(service, clock, client)
+
+
+@contextmanager
+def serve(harness: Harness) -> Iterator[str]:
+    """The harness's app on a real loopback port, for clients that speak HTTP (a CLI, a browser)."""
+    from servers import free_port
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(harness.service, background=False), port=port, log_config=None)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join()

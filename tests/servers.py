@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import email.policy
 import os
 import pwd
 import re
@@ -17,9 +18,11 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from email.message import EmailMessage
+from email.parser import BytesParser
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Literal, Self
+from typing import IO, Any, Literal, Self
 from urllib.parse import quote
 
 import psycopg
@@ -363,3 +366,30 @@ def start_postgres() -> PostgresServer:
         server.stop()
         raise
     return server
+
+
+class Mailbox:
+    """An aiosmtpd handler: answers RCPT with the queued replies first, then accepts; keeps what arrives."""
+
+    def __init__(self) -> None:
+        self.rcpt_replies: list[str] = []
+        self.rcpts = 0
+        self.received: list[bytes] = []
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        self.rcpts += 1
+        if self.rcpt_replies:
+            return self.rcpt_replies.pop(0)
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.received.append(envelope.content)
+        return "250 2.0.0 Ok: queued as Q1"
+
+    def messages(self) -> list[EmailMessage]:
+        parsed = [BytesParser(policy=email.policy.default).parsebytes(raw) for raw in self.received]
+        assert all(isinstance(p, EmailMessage) for p in parsed)
+        return parsed

@@ -7,20 +7,14 @@ The browser is Debian's `chromium`, driven by Playwright with `executable_path`.
 from __future__ import annotations
 
 import shutil
-import threading
-import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
-from harness import MONDAY, REPO, Harness, make_settings, start_harness
-from servers import free_port
+from harness import MONDAY, REPO, Harness, make_settings, serve, start_harness
 from test_pages import _enroll, _seed
-
-from cadence.api import create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SHOTS = REPO / "test-artifacts" / "screenshots"
@@ -31,18 +25,8 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromiu
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[str, Harness]]:
     harness = start_harness(make_settings(tmp_path))
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(harness.service, background=False), port=port, log_config=None)
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the server did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}", harness
-    server.should_exit = True
-    thread.join()
+    with serve(harness) as url:
+        yield url, harness
     harness.stop()
 
 

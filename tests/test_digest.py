@@ -8,10 +8,9 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from aiosmtpd.controller import Controller
 from harness import MONDAY, Harness, deal_event, make_settings, start_harness
+from servers import Mailbox
 from sqlmodel import select
-from test_email_smtp import Mailbox, _free_port
 
 from cadence import store
 from cadence.digest import Digests
@@ -26,19 +25,7 @@ managers:
 
 
 @pytest.fixture
-def mailbox() -> Iterator[tuple[Mailbox, int]]:
-    box = Mailbox()
-    port = _free_port()
-    controller = Controller(box, hostname="127.0.0.1", port=port, server_hostname="mx.test")
-    controller.start()
-    try:
-        yield box, port
-    finally:
-        controller.stop()
-
-
-@pytest.fixture
-def h(tmp_path: Path, mailbox: tuple[Mailbox, int]) -> Iterator[Harness]:
+def h(tmp_path: Path, smtp: tuple[Mailbox, int]) -> Iterator[Harness]:
     team = tmp_path / "team.yaml"
     team.write_text(TEAM, encoding="utf-8")
     settings = make_settings(
@@ -46,7 +33,7 @@ def h(tmp_path: Path, mailbox: tuple[Mailbox, int]) -> Iterator[Harness]:
         team_file=team,
         email_provider="smtp",
         smtp_host="127.0.0.1",
-        smtp_port=mailbox[1],
+        smtp_port=smtp[1],
         smtp_security="none",
         secret_key="k",
     )
@@ -61,9 +48,9 @@ def _digests(box: Mailbox) -> list[EmailMessage]:
 
 
 def test_each_manager_gets_one_digest_a_day_at_their_own_eight_oclock(
-    h: Harness, mailbox: tuple[Mailbox, int]
+    h: Harness, smtp: tuple[Mailbox, int]
 ) -> None:
-    box, _ = mailbox
+    box, _ = smtp
     assert h.service.scheduler.tick().digests == []
     h.clock.set(MONDAY - timedelta(hours=1, seconds=1))  # 07:59:59 in Moscow
     assert h.service.scheduler.tick().digests == []
@@ -80,8 +67,8 @@ def test_each_manager_gets_one_digest_a_day_at_their_own_eight_oclock(
     assert to == ["Ivan <ivan@example.com>", "Maria <maria@example.com>", "Ivan <ivan@example.com>"]
 
 
-def test_the_digest_lists_the_managers_calls_overdue_first(h: Harness, mailbox: tuple[Mailbox, int]) -> None:
-    box, _ = mailbox
+def test_the_digest_lists_the_managers_calls_overdue_first(h: Harness, smtp: tuple[Mailbox, int]) -> None:
+    box, _ = smtp
     h.clock.set(MONDAY)
     h.post("/webhooks/generic", deal_event())  # Ivan's deal: the walkthrough call is due on Wednesday
     h.run_days(2.2)
@@ -102,8 +89,8 @@ def test_a_digest_is_not_sent_so_late_in_the_day_that_it_is_stale(h: Harness) ->
     assert "ivan" not in h.service.scheduler.tick().digests
 
 
-def test_two_schedulers_send_one_digest(h: Harness, mailbox: tuple[Mailbox, int]) -> None:
-    box, _ = mailbox
+def test_two_schedulers_send_one_digest(h: Harness, smtp: tuple[Mailbox, int]) -> None:
+    box, _ = smtp
     h.clock.set(MONDAY)  # 09:00 in Moscow
     other = Digests(h.service.db, h.service.settings, h.service.channels["email"], h.clock)
     assert sorted(h.service.digests.send_due() + other.send_due()) == ["ivan"]
@@ -112,8 +99,8 @@ def test_two_schedulers_send_one_digest(h: Harness, mailbox: tuple[Mailbox, int]
     assert len(_digests(box)) == 1
 
 
-def test_a_digest_that_could_not_be_sent_is_tried_again(h: Harness, mailbox: tuple[Mailbox, int]) -> None:
-    box, _ = mailbox
+def test_a_digest_that_could_not_be_sent_is_tried_again(h: Harness, smtp: tuple[Mailbox, int]) -> None:
+    box, _ = smtp
     box.rcpt_replies = ["451 4.3.0 try later"]
     h.clock.set(MONDAY)
     assert h.service.digests.send_due() == []

@@ -3,21 +3,18 @@ link, how the server's replies are treated, the per-minute limit, and bounce rep
 
 from __future__ import annotations
 
-import email.policy
 import shutil
-import socket
 import types
 from collections.abc import Callable, Iterator
 from datetime import date, timedelta
 from email.message import EmailMessage
-from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from aiosmtpd.controller import Controller
 from harness import MONDAY, REPO, Harness, deal_event, make_settings, start_harness
+from servers import Mailbox, free_port
 from sqlmodel import col, select
 
 from cadence import store
@@ -43,51 +40,6 @@ steps:
 """
 ADMIN = {"authorization": "Bearer admin-token"}
 ONE_CLICK = {"content-type": "application/x-www-form-urlencoded"}
-
-
-class Mailbox:
-    """An aiosmtpd handler: answers RCPT with the queued replies first, then accepts; keeps what arrives."""
-
-    def __init__(self) -> None:
-        self.rcpt_replies: list[str] = []
-        self.rcpts = 0
-        self.received: list[bytes] = []
-
-    async def handle_RCPT(
-        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
-    ) -> str:
-        self.rcpts += 1
-        if self.rcpt_replies:
-            return self.rcpt_replies.pop(0)
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.received.append(envelope.content)
-        return "250 2.0.0 Ok: queued as Q1"
-
-    def messages(self) -> list[EmailMessage]:
-        parsed = [BytesParser(policy=email.policy.default).parsebytes(raw) for raw in self.received]
-        assert all(isinstance(p, EmailMessage) for p in parsed)
-        return parsed
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@pytest.fixture
-def smtp() -> Iterator[tuple[Mailbox, int]]:
-    mailbox = Mailbox()
-    port = _free_port()
-    controller = Controller(mailbox, hostname="127.0.0.1", port=port, server_hostname="mx.test")
-    controller.start()
-    try:
-        yield mailbox, port
-    finally:
-        controller.stop()
 
 
 @pytest.fixture
@@ -286,7 +238,7 @@ def _channel(tmp_path: Path, port: int, **overrides: Any) -> SmtpEmail:
 
 def test_a_refused_connection_is_transient(tmp_path: Path) -> None:
     with pytest.raises(TransientError, match="unreachable"):
-        _channel(tmp_path, _free_port()).send(_message())  # nothing listens there
+        _channel(tmp_path, free_port()).send(_message())  # nothing listens there
 
 
 def test_lines_that_start_with_a_dot_arrive_intact(tmp_path: Path, smtp: tuple[Mailbox, int]) -> None:

@@ -5,43 +5,23 @@ from __future__ import annotations
 import logging
 import shutil
 import signal
-import threading
-import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
-from harness import REPO, Harness, deal_event, make_settings, start_harness
+from harness import REPO, Harness, deal_event, make_settings, serve, start_harness
 from servers import free_port
 from starlette.testclient import TestClient
+from test_rules_diff import NEW_CADENCE
 from typer.testing import CliRunner, Result
 
-from cadence.api import create_app
 from cadence.cli import app
 
 TOKEN = "reload-token-for-tests"
 #: Where the tests' requests come from: this machine, unless a test says otherwise.
 LOOPBACK = ("127.0.0.1", 50000)
-
-NEW_CADENCE = """\
-cadence: re-engage
-description: A short series for new deals.
-kind: follow-up
-enroll:
-  on: deal.created
-steps:
-  - day: 0
-    channel: email
-    template: email/deal-06-schedule-update
-    reason: The updated schedule, in case timing was what stalled the deal.
-  - day: 3
-    channel: call
-    template: call/deal-07-pilot-offer
-    reason: Offer a small pilot to restart the conversation.
-"""
 
 
 def edit(path: Path, old: str, new: str) -> None:
@@ -299,18 +279,8 @@ def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, rules: Path) -> CliR
 def serving(tmp_path: Path, rules: Path) -> Iterator[tuple[str, Harness]]:
     """The API on a real loopback port, for the command to talk to."""
     harness = start_harness(make_settings(tmp_path, rules_dir=rules, admin_token=TOKEN))
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(harness.service, background=False), port=port, log_config=None)
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the server did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}", harness
-    server.should_exit = True
-    thread.join()
+    with serve(harness) as url:
+        yield url, harness
     harness.stop()
 
 
