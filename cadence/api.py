@@ -37,7 +37,7 @@ from starlette.routing import Route
 from cadence import __version__, email_api, keys, pages, sms_api, store, timing
 from cadence import reports as reporting
 from cadence import simulate as simulation
-from cadence.crm import Delivery, adapters
+from cadence.crm import Delivery
 from cadence.engine import EngineError
 from cadence.errors import Problem, RulesError
 from cadence.events import ContactData, DealData
@@ -723,7 +723,7 @@ def create_app(service: Service, background: bool = True) -> Starlette:
     """The ASGI app; with `background`, the embedded worker and scheduler run for the app's lifetime."""
     settings = service.settings
     local_zone = ZoneInfo(settings.default_timezone)
-    sources = adapters()
+    sources = service.adapters
     spec = openapi_document()
 
     # --- who is calling -------------------------------------------------------------------------------------

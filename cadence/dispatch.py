@@ -166,6 +166,7 @@ class Dispatcher:
             self.engine.end(s, enrollment, EnrollmentStatus.completed, goal, now)
             return self._close(touch, TouchStatus.cancelled, goal), None
         contact = context["contact"]
+        planned_channel = touch.channel
         zone, calendar = self.engine.placement(
             spec, point, touch.channel, contact["timezone"], contact["country"]
         )
@@ -179,12 +180,15 @@ class Dispatcher:
         unreachable = self._route(s, point, touch, context, now)
         if unreachable:
             return self.finish(s, touch, TouchStatus.skipped, unreachable), None
-        zone, calendar = self.engine.placement(
-            spec, point, touch.channel, contact["timezone"], contact["country"]
-        )
-        slot = timing.due_at(now, 0, calendar, zone)
-        if slot > now:  # the choice fell on a channel whose hours have not begun
-            return self._defer(touch, slot, f"deferred to {touch.channel}'s hours"), None
+        if (
+            touch.channel != planned_channel
+        ):  # the choice fell on another channel: its hours may not have begun
+            zone, calendar = self.engine.placement(
+                spec, point, touch.channel, contact["timezone"], contact["country"]
+            )
+            slot = timing.due_at(now, 0, calendar, zone)
+            if slot > now:
+                return self._defer(touch, slot, f"deferred to {touch.channel}'s hours"), None
         channel = self.channels[touch.channel]
         capped = self._capped(s, touch, enrollment.contact_id, now, zone, calendar) or self._over_budget(
             s, spec.budget.per_month if spec.budget else None, touch, now, zone, calendar

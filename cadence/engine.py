@@ -556,10 +556,11 @@ class Engine:
 
     def _block(self, s: Session, outcome: Outcome, now: datetime) -> None:
         """The blocks the policy starts after this outcome, one per channel (or one for all of them)."""
-        touch = s.get(Touch, outcome.touch_id) if outcome.touch_id else None
+        # A bounce says one address does not work: an SMS bounce leaves email alone.
+        bounced = s.get(Touch, outcome.touch_id) if outcome.name == "bounced" and outcome.touch_id else None
         for rule in self.policy.blocking(outcome.name):
-            if outcome.name == "bounced" and touch is not None and not rule.covers(touch.channel):
-                continue  # a bounce says one address does not work: an SMS bounce leaves email alone
+            if bounced is not None and not rule.covers(bounced.channel):
+                continue
             until = now + rule.length if rule.length else None
             channels: tuple[str | None, ...] = (None,) if rule.channels == "all" else rule.channels
             for channel in channels:

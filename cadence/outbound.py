@@ -47,49 +47,42 @@ def _refs(s: Session, enrollment_id: int | None) -> dict[str, Any]:
     }
 
 
-def touch_sent(s: Session, touch: Touch, now: datetime) -> None:
-    """Keep a sent touch to be posted."""
+def _keep(s: Session, kind: str, record: dict[str, Any], enrollment_id: int | None, now: datetime) -> None:
     s.add(
         Activity(
-            kind="touch.sent",
-            payload={
-                "touch": {
-                    "id": touch.id,
-                    "key": touch.key,
-                    "channel": touch.channel,
-                    "template": touch.template,
-                    "variant": touch.variant,
-                    "reason": touch.reason,
-                    "sent_at": now.isoformat(),
-                },
-                **_refs(s, touch.enrollment_id),
-            },
+            kind=kind,
+            payload={**record, **_refs(s, enrollment_id)},
             created_at=now,
             next_try_at=now,
         )
     )
+
+
+def touch_sent(s: Session, touch: Touch, now: datetime) -> None:
+    """Keep a sent touch to be posted."""
+    record = {
+        "id": touch.id,
+        "key": touch.key,
+        "channel": touch.channel,
+        "template": touch.template,
+        "variant": touch.variant,
+        "reason": touch.reason,
+        "sent_at": now.isoformat(),
+    }
+    _keep(s, "touch.sent", {"touch": record}, touch.enrollment_id, now)
 
 
 def outcome_recorded(s: Session, outcome: Outcome, now: datetime) -> None:
     """Keep a recorded outcome to be posted."""
-    s.add(
-        Activity(
-            kind="outcome.recorded",
-            payload={
-                "outcome": {
-                    "id": outcome.id,
-                    "name": outcome.name,
-                    "touch_id": outcome.touch_id,
-                    "note": outcome.note,
-                    "source": outcome.source,
-                    "occurred_at": outcome.occurred_at.isoformat(),
-                },
-                **_refs(s, outcome.enrollment_id),
-            },
-            created_at=now,
-            next_try_at=now,
-        )
-    )
+    record = {
+        "id": outcome.id,
+        "name": outcome.name,
+        "touch_id": outcome.touch_id,
+        "note": outcome.note,
+        "source": outcome.source,
+        "occurred_at": outcome.occurred_at.isoformat(),
+    }
+    _keep(s, "outcome.recorded", {"outcome": record}, outcome.enrollment_id, now)
 
 
 def signature(secret: str, body: bytes, stamp: int) -> str:

@@ -17,6 +17,7 @@ from cadence import broker as brokers
 from cadence import diff, sandbox, store
 from cadence import rules as ruleset
 from cadence.clock import Clock, system_clock
+from cadence.crm import adapters
 from cadence.digest import Digests
 from cadence.dispatch import Dispatcher
 from cadence.engine import Engine, pick_variant, stable_fraction
@@ -90,6 +91,8 @@ class Service:
         self.dispatcher = Dispatcher(
             self.db, self.engine, self.channels, self.templates, settings.sender(), clock, self.metrics
         )
+        #: The webhook adapters, by source, made once.
+        self.adapters = adapters()
         self.inbox = Inbox(self.db, self.engine, clock, self.metrics, self._reader)
         self.broker = brokers.create_broker(settings.redis_url)
         self.actor = brokers.declare_dispatch(self.broker, self.dispatcher.dispatch)
@@ -238,9 +241,7 @@ class Service:
 
     def _reader(self, source: str) -> Reader | None:
         """The reader of a source's deliveries, with the rules (and so the CRM mapping) loaded now."""
-        from cadence.crm import adapters
-
-        adapter = adapters().get(source)
+        adapter = self.adapters.get(source)
         if adapter is None:
             return None
         return lambda body: adapter.read(body, self._rules)
