@@ -286,26 +286,28 @@ def run(
                 .order_by(col(Touch.due_at), col(Touch.id))
             ).first()
             due = touch.due_at if touch is not None else None
-            touch_id = touch.id if touch is not None else None
             block_ends = s.exec(
                 select(sa.func.min(Block.until)).where(col(Block.ended_seen_at).is_(None))
             ).one()
-        if block_ends is not None and (due is None or block_ends <= due) and block_ends <= end:
+            if block_ends is not None and (block_ends > end or (due is not None and block_ends > due)):
+                block_ends = None  # none runs out before the next touch, within the span
+            outcome_first = bool(pending) and (due is None or pending[0][0] <= due) and pending[0][0] <= end
+            touch_id = None
+            if touch is not None and touch.due_at <= end and block_ends is None and not outcome_first:
+                touch.status, touch_id = TouchStatus.queued, touch.id  # as the scheduler claims it
+        if block_ends is not None:
             clock.set(max(block_ends, clock()))
             with store.session(db) as s:
                 engine.blocks_ended(s, clock())
             continue
-        if pending and (due is None or pending[0][0] <= due) and pending[0][0] <= end:
+        if outcome_first:
             at, scripted = pending.pop(0)
             clock.set(max(at, clock()))
             timeline.outcome(engine, clock(), scripted)
             continue
-        if due is None or touch_id is None or due > end:
+        if due is None or touch_id is None:
             break
         clock.set(max(due, clock()))
-        with store.session(db) as s:
-            queued = s.get_one(Touch, touch_id)
-            queued.status = TouchStatus.queued
         result = dispatcher.dispatch(touch_id)
         timeline.touched(touch_id, result.status, result.reason, clock())
     return timeline.events()
@@ -337,8 +339,11 @@ class _Timeline:
 
     def touched(self, touch_id: int, status: str, reason: str | None, now: datetime) -> None:
         with store.session(self.db) as s:
-            touch = s.get_one(Touch, touch_id)
-            enrollment = s.get_one(Enrollment, touch.enrollment_id)
+            touch, enrollment = s.exec(
+                select(Touch, Enrollment)
+                .join(Enrollment, col(Enrollment.id) == col(Touch.enrollment_id))
+                .where(col(Touch.id) == touch_id)
+            ).one()
             event = self._touches.get(touch_id)
             if event is None:
                 event = Event(now, self._local(now), "touch", enrollment.cadence_name, touch.step_index)

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import yaml
+
+try:
+    from yaml._yaml import CParser as _CParser
+except ImportError:  # PyYAML built without libyaml: the pure-Python loader reads every document
+    _CParser = None  # type: ignore[assignment,misc]
 
 Path_ = tuple[str | int, ...]
 
@@ -58,6 +63,8 @@ def _mark(node: yaml.Node) -> tuple[int, int]:
 MAX_NODES = 100_000
 #: Deepest nesting of mappings and lists accepted.
 MAX_DEPTH = 64
+#: What reading a scalar raises when its text does not fit its tag (`!!int ''`, `!!timestamp later`...).
+_UNREADABLE = (yaml.YAMLError, ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError)
 #: The only tags a rules document may carry: YAML's core types; anything else is refused, never built.
 _CORE = "tag:yaml.org,2002:"
 _ALLOWED_TAGS = frozenset(
@@ -79,8 +86,18 @@ def load(text: str) -> Located:
     Duplicate keys are an error (YAML says keys are unique), and so are tags beyond the core types,
     nesting deeper than MAX_DEPTH and documents that expand (through aliases) past MAX_NODES values.
     """
+    if _CParser is not None and not _READ_APART.search(text):
+        try:
+            return _located(_compose_fast(text))
+        except (yaml.YAMLError, YamlSyntaxError, _Refused, UnicodeError):
+            pass  # read again below, so that every error says what and where exactly as it always has
+    return _located(_compose(text))
+
+
+def _compose(text: str) -> yaml.Node | None:
+    """The document's node tree from PyYAML's pure-Python reader, scanner, parser and composer."""
     try:
-        node = yaml.compose(text, Loader=_Loader)
+        return yaml.compose(text, Loader=_Loader)
     except yaml.reader.ReaderError as exc:
         line = text.count("\n", 0, exc.position) + 1
         column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
@@ -89,6 +106,85 @@ def load(text: str) -> Located:
         raise _syntax_error(exc) from exc
     except RecursionError as exc:
         raise YamlSyntaxError(f"nested too deeply (more than {MAX_DEPTH} levels)", 1, 1) from exc
+
+
+#: The events that begin a node of their own (an alias repeats one).
+_Start = yaml.ScalarEvent | yaml.CollectionStartEvent
+#: Text libyaml reads otherwise than PyYAML, which refuses a tab between tokens and a comment right after
+#: a block scalar's `|` or `>`; and a byte order mark. Such a document is read by PyYAML alone.
+_READ_APART = re.compile(r"[\t\ufeff]|[|>][-+0-9]*#")
+
+
+class _Refused(Exception):
+    """What the fast composer raises where PyYAML's would: the pure-Python loader then says what and where."""
+
+
+def _compose_fast(text: str) -> yaml.Node | None:
+    """The same node tree, marks included, from libyaml's events. It is composed in a loop rather than by
+    recursion, so no nesting can overflow the stack; it raises wherever PyYAML's composer would."""
+    assert _CParser is not None
+    events = _CParser(text)
+    resolver = _Loader("")
+    events.get_event()  # the stream's start
+    if events.check_event(yaml.StreamEndEvent):
+        return None
+    events.get_event()  # the document's start
+    anchors: dict[str, yaml.Node] = {}
+    open_: list[tuple[yaml.Node, list[yaml.Node]]] = []  # collections begun, with their items so far
+    while True:
+        event = events.get_event()
+        if isinstance(event, yaml.CollectionEndEvent):
+            node, items = open_.pop()
+            keys, values = items[::2], items[1::2]
+            node.value = (
+                items if isinstance(node, yaml.SequenceNode) else list(zip(keys, values, strict=True))
+            )
+        elif isinstance(event, yaml.AliasEvent):
+            if event.anchor not in anchors:
+                raise _Refused("an undefined alias")
+            node = anchors[event.anchor]
+        else:
+            assert isinstance(event, _Start)
+            # libyaml resolves a tag's implicit type, and places an empty value, otherwise than PyYAML.
+            if event.tag is not None:
+                raise _Refused("a tag")
+            if isinstance(event, yaml.ScalarEvent) and not event.value and event.implicit[0]:
+                raise _Refused("an empty value")
+            node = _node(event, resolver)
+            if event.anchor is not None:
+                if event.anchor in anchors:
+                    raise _Refused("a duplicate anchor")
+                anchors[event.anchor] = node
+            if isinstance(event, yaml.CollectionStartEvent):
+                open_.append((node, []))
+                # Deeper than _located accepts: stop before libyaml scans the rest of a nesting bomb.
+                if len(open_) > MAX_DEPTH + 1:
+                    raise _Refused("nested too deeply")
+                continue
+        if not open_:
+            break
+        open_[-1][1].append(node)
+    events.get_event()  # the document's end
+    if not events.check_event(yaml.StreamEndEvent):
+        raise _Refused("more than one document")
+    return node
+
+
+def _node(event: _Start, resolver: _Loader) -> yaml.Node:
+    """The node an untagged scalar or collection start stands for, typed as PyYAML's resolver types it."""
+    # libyaml's marks are its own type, with the same line and column as PyYAML's.
+    start, end = cast(yaml.Mark, event.start_mark), cast(yaml.Mark, event.end_mark)
+    kind: type[yaml.Node]
+    if isinstance(event, yaml.ScalarEvent):
+        tag = resolver.resolve(yaml.ScalarNode, event.value, event.implicit)  # type: ignore[no-untyped-call]
+        return yaml.ScalarNode(tag, event.value, start, end, event.style)
+    kind = yaml.SequenceNode if isinstance(event, yaml.SequenceStartEvent) else yaml.MappingNode
+    tag = resolver.resolve(kind, None, event.implicit)  # type: ignore[no-untyped-call]
+    return kind(tag, [], start, None, event.flow_style)
+
+
+def _located(node: yaml.Node | None) -> Located:
+    """Plain data and positions from a node tree, refusing what is not plain data (see load)."""
     located = Located(data=None)
     if node is None:
         return located
@@ -98,7 +194,7 @@ def load(text: str) -> Located:
     def scalar(n: yaml.Node) -> Any:
         try:
             return constructor.construct_object(n, deep=True)
-        except (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+        except _UNREADABLE as exc:
             line, column = _mark(n)
             raise YamlSyntaxError(f"cannot read the value {n.value!r}: {exc}", line, column) from exc
 

@@ -250,6 +250,56 @@ def test_a_template_that_fails_for_another_reason_is_an_error_with_that_reason(
     assert problem.message == "template call/bad.md: ZeroDivisionError: float division by zero"
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        '{{ contact.update({"name": "Mallory"}) }}',
+        '{{ contact.pop("name") }}',
+        '{{ sender.setdefault("name", "Mallory") }}',
+        '{{ contact.__setitem__("name", "Mallory") }}',
+    ],
+)
+def test_a_template_cannot_change_what_the_templates_after_it_see(
+    folder: Path, templates: Path, change: str
+) -> None:
+    # Every template's sample context shares the same contact and sender: the sandbox must refuse changes.
+    add_template(templates, "call/change.md", change + "\n")
+    same = 'contact.name == "Anna Petrova" and sender.name == "Olga Ivanova"'
+    add_template(templates, "call/check.md", f"{{% if not ({same}) %}}{{{{ changed }}}}{{% endif %}}\n")
+    text = cadence(
+        "a",
+        step(0, channel="call", template="call/change"),
+        step(4, channel="call", template="call/check"),
+        step(8, channel="call", template="call/change"),
+        step(12, channel="call", template="call/check"),
+    )
+    write(folder, "a", text)
+    problems = lint([folder], templates)
+    assert [(p.line, p.column) for p in problems] == [
+        value_at(text, "template: call/change", 1),
+        value_at(text, "template: call/change", 2),
+    ]
+    assert all("template call/change.md" in p.message for p in problems)
+    assert all("unsafe" in p.message or "refused" in p.message for p in problems)
+
+
+def test_each_template_sees_its_own_cadence_channel_and_reason(folder: Path, templates: Path) -> None:
+    for channel, ext in (("call", ".md"), ("letter", ".html")):
+        for name in ("a", "b"):
+            own = (
+                f'{{% if enrollment.cadence != "{name}" or touch.channel != "{channel}" '
+                f'or reason != "{name} by {channel}." %}}{{{{ not_its_own }}}}{{% endif %}}\n'
+            )
+            add_template(templates, f"{channel}/{name}{ext}", own)
+    for name in ("a", "b"):
+        steps = [
+            step(4 * n, channel=channel, template=f"{channel}/{name}", reason=f"{name} by {channel}.")
+            for n, channel in enumerate(("call", "letter"))
+        ]
+        write(folder, name, cadence(name, *steps, head=WINDOW))
+    assert [p for p in lint([folder], templates) if p.severity == "error"] == []
+
+
 # --- warnings: the decision window ----------------------------------------------------------------------
 
 DECISION = "kind: decision\n"
