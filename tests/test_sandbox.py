@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import pytest
+import yaml
 
 from cadence import sandbox
 
@@ -264,3 +267,64 @@ def test_arithmetic_with_a_missing_field_raises(source: str) -> None:
 
 def test_unknown_top_level_name_raises_when_used() -> None:
     refused_expression("customer.age >= 50", {"contact": {}})
+
+
+# --- the template-injection corpus ----------------------------------------------------------------------
+
+CORPUS: list[dict[str, Any]] = yaml.safe_load(
+    (Path(__file__).parent / "fixtures" / "template_injection.yaml").read_text(encoding="utf-8")
+)
+#: What would show if an attempt had reached Python: an object's repr, a module's globals, the secret
+#: (in the environment and in a file beside templates/), or /etc/passwd.
+LEAKS = (
+    *("<class", "<function", "<built-in", "<bound method", "<method", "<module", "object at 0x"),
+    *("'__name__':", SECRET, "root:"),
+)
+
+
+def corpus_context() -> dict[str, Any]:
+    """What a touch's template and conditions see, in the shapes the engine gives them."""
+    return {
+        "contact": {"id": 1, "name": "Ada", "email": "ada@example.com", "age": 50, "timezone": "UTC"},
+        "deal": {"id": 2, "stage": "proposal_sent", "amount": 1200, "status": "open"},
+        "enrollment": {"id": 3, "cadence": "open-deal"},
+        "touch": {"id": 4, "channel": "email", "step": 0},
+        "sender": {"name": "Bob", "email": "bob@example.com"},
+        "reason": "The proposal and the one open question.",
+        "now": datetime(2026, 11, 23, 9, 0, tzinfo=UTC),
+    }
+
+
+def attempt(run: Callable[[], Any]) -> tuple[str, str]:
+    """`refused` with the project's error, or `harmless` with what it showed."""
+    try:
+        return "harmless", str(run())
+    except (sandbox.TemplateError, sandbox.ExpressionError) as exc:
+        return "refused", str(exc)
+
+
+def test_the_corpus_covers_the_known_families() -> None:
+    families = {entry["family"] for entry in CORPUS}
+    assert len(CORPUS) >= 60 and len(families) >= 15
+    assert all(entry["template"] in ("refused", "harmless") for entry in CORPUS)
+
+
+@pytest.mark.parametrize("entry", CORPUS, ids=[f"{i}-{e['family']}" for i, e in enumerate(CORPUS)])
+def test_every_injection_attempt_is_refused_or_harmless(
+    templates: Path, entry: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CADENCE_SECRET", SECRET)
+    (templates.parent / "secret.txt").write_text(SECRET, encoding="utf-8")
+    source = entry["attempt"]
+    context = corpus_context()
+    if entry.get("statement"):
+        found = {"template": attempt(lambda: render_source(templates, source, context))}
+    else:
+        found = {
+            "template": attempt(lambda: render_source(templates, f"{{{{ {source} }}}}", context)),
+            "expression": attempt(lambda: sandbox.evaluate(source, context)),
+        }
+    for where, (outcome, shown) in found.items():
+        assert outcome == entry[where], (where, shown[:300])
+        assert [leak for leak in LEAKS if leak in shown] == [], (where, shown[:300])
+    assert context == corpus_context()  # and nothing it could reach was changed
