@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from uuid import uuid4
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
@@ -14,6 +15,8 @@ from cadence.settings import SEND_TIME_LIMIT_SECONDS
 
 #: Queue that carries touch ids to workers.
 QUEUE = "touches"
+#: Queue that carries the ids of stored webhook deliveries that a worker is to act on.
+INBOX_QUEUE = "deliveries"
 #: Broker retries after a transient delivery error: the attempts a touch has, less the first.
 MAX_RETRIES = MAX_ATTEMPTS - 1
 #: Milliseconds before the first retry; Dramatiq doubles it each time.
@@ -43,3 +46,48 @@ def declare_dispatch(broker: dramatiq.Broker, dispatch: Callable[[int], Any]) ->
         time_limit=TIME_LIMIT_MS,
     )
     return declare(dispatch_touch)
+
+
+def declare_inbox(broker: dramatiq.Broker, act_on: Callable[[int], Any]) -> dramatiq.Actor[Any, Any]:
+    """The actor that acts on one stored webhook delivery; the message carries only the row's id."""
+
+    def act_on_delivery(row_id: int) -> None:
+        act_on(row_id)
+
+    declare = dramatiq.actor(
+        broker=broker,
+        actor_name="act_on_delivery",
+        queue_name=INBOX_QUEUE,
+        max_retries=MAX_RETRIES,
+        min_backoff=MIN_BACKOFF_MS,
+        time_limit=TIME_LIMIT_MS,
+    )
+    return declare(act_on_delivery)
+
+
+def send_all(actor: dramatiq.Actor[Any, Any], touch_ids: list[int], **options: Any) -> None:
+    """Queue one message per touch id, the messages `actor.send_with_options(args=(id,), **options)` makes.
+    On Redis the batch is written in one round trip, all or nothing, instead of a script call per message."""
+    broker = actor.broker
+    if not touch_ids:
+        return
+    if not isinstance(broker, RedisBroker):
+        for touch_id in touch_ids:
+            actor.send_with_options(args=(touch_id,), **options)
+        return
+    # Each enqueued message has its own id in Redis, as RedisBroker.enqueue gives it.
+    messages = [
+        actor.message_with_options(args=(touch_id,), **options, redis_message_id=str(uuid4()))
+        for touch_id in touch_ids
+    ]
+    for message in messages:
+        broker.emit_before("enqueue", message, None)
+    # Dramatiq's Redis layout: the queue is a list of message ids, the bodies a hash beside it. Its enqueue
+    # script writes those two keys and, besides, a heartbeat that only consumers need.
+    queue = f"{broker.namespace}:{actor.queue_name}"
+    with broker.client.pipeline(transaction=True) as pipe:
+        pipe.hset(f"{queue}.msgs", mapping={m.options["redis_message_id"]: m.encode() for m in messages})
+        pipe.rpush(queue, *(m.options["redis_message_id"] for m in messages))
+        pipe.execute()
+    for message in messages:
+        broker.emit_after("enqueue", message, None)

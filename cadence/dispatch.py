@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 import jinja2
@@ -23,7 +23,8 @@ from cadence.clock import Clock
 from cadence.engine import Engine, touch_view
 from cadence.language import Calendar, Touchpoint
 from cadence.metrics import Metrics
-from cadence.models import Contact, Enrollment, EnrollmentStatus, Touch, TouchStatus
+from cadence.models import CadenceVersion, Contact, Deal, Enrollment, EnrollmentStatus, Touch, TouchStatus
+from cadence.policy import Caps
 from channels import Channel, DeliveryError, Message, RateLimited, Receipt, TransientError
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,38 @@ MAX_ATTEMPTS = 5
 RECORD_ATTEMPTS = 5
 #: Seconds between those tries, times the try's number.
 RECORD_BACKOFF_SECONDS = 0.5
+
+
+class _Loaded(NamedTuple):
+    """A touch and the rows sending it reads. The session keeps a row only while something refers to it,
+    so whoever holds this lets the engine find them all in the session instead of asking the database."""
+
+    touch: Touch
+    enrollment: Enrollment
+    contact: Contact
+    deal: Deal | None
+    version: CadenceVersion
+
+
+def _load(s: Session, touch_id: int, *, lock_contact: bool = False) -> _Loaded:
+    """The touch, its enrollment, contact, deal and cadence version, in one query.
+
+    `lock_contact` holds the contact's row until the transaction ends (PostgreSQL; SQLite has one writer).
+    """
+    query = (
+        select(Touch, Enrollment, Contact, Deal, CadenceVersion)  # type: ignore[call-overload]  # typed up to 4
+        .join(Enrollment, col(Enrollment.id) == col(Touch.enrollment_id))
+        .join(Contact, col(Contact.id) == col(Enrollment.contact_id))
+        .join(CadenceVersion, col(CadenceVersion.id) == col(Enrollment.cadence_version_id))
+        .outerjoin(Deal, col(Deal.id) == col(Enrollment.deal_id))
+        .where(col(Touch.id) == touch_id)
+    )
+    if lock_contact:
+        query = query.with_for_update(of=Contact)
+    row = s.exec(query).first()
+    if row is None:
+        s.get_one(Touch, touch_id)  # raises, naming the touch
+    return _Loaded(*row)
 
 
 @dataclass(frozen=True)
@@ -123,7 +156,8 @@ class Dispatcher:
         for attempt in range(1, RECORD_ATTEMPTS + 1):
             try:
                 with store.session(self.db) as s:
-                    touch = s.get_one(Touch, touch_id)
+                    loaded = _load(s, touch_id)
+                    touch = loaded.touch
                     touch.receipt = {
                         **touch.receipt,  # a provider's status callback may have come first
                         **receipt.details,
@@ -142,8 +176,10 @@ class Dispatcher:
 
     def _prepare(self, s: Session, touch_id: int) -> tuple[Result, Message | None]:
         """Late binding: everything that may have changed since planning is checked now."""
-        touch = s.get_one(Touch, touch_id)
-        enrollment = s.get_one(Enrollment, touch.enrollment_id)
+        caps = self.engine.policy.caps
+        # With caps, one decision at a time per contact, so two workers cannot both take the last place.
+        loaded = _load(s, touch_id, lock_contact=bool(caps.per_day or caps.per_week))
+        touch, enrollment = loaded.touch, loaded.enrollment
         if enrollment.status == EnrollmentStatus.paused:
             # Paused while this touch was on its way: it waits with the others until the enrollment resumes.
             touch.status, touch.queued_at, touch.status_reason = TouchStatus.held, None, "enrollment paused"
@@ -190,9 +226,9 @@ class Dispatcher:
             if slot > now:
                 return self._defer(touch, slot, f"deferred to {touch.channel}'s hours"), None
         channel = self.channels[touch.channel]
-        capped = self._capped(s, touch, enrollment.contact_id, now, zone, calendar) or self._over_budget(
-            s, spec.budget.per_month if spec.budget else None, touch, now, zone, calendar
-        )
+        capped = self._capped(
+            s, caps, touch, enrollment.contact_id, now, zone, calendar
+        ) or self._over_budget(s, spec.budget.per_month if spec.budget else None, touch, now, zone, calendar)
         if capped is not None:
             return self._defer(touch, *capped), None
         context.update(
@@ -292,14 +328,20 @@ class Dispatcher:
         return Result(touch.id or 0, TouchStatus.planned, why)
 
     def _capped(
-        self, s: Session, touch: Touch, contact_id: int, now: datetime, zone: ZoneInfo, calendar: Calendar
+        self,
+        s: Session,
+        caps: Caps,
+        touch: Touch,
+        contact_id: int,
+        now: datetime,
+        zone: ZoneInfo,
+        calendar: Calendar,
     ) -> tuple[datetime, str] | None:
-        """(when the contact may next be touched, why) if the policy's caps are reached, else None."""
-        caps = self.engine.policy.caps
+        """(when the contact may next be touched, why) if the policy's caps are reached, else None.
+
+        The caller holds the contact's row (see _prepare)."""
         if not caps.per_day and not caps.per_week:
             return None
-        # One decision at a time per contact, so two workers cannot both take the last place under a cap.
-        s.exec(select(Contact.id).where(Contact.id == contact_id).with_for_update()).one()
         local_midnight = datetime.combine(now.astimezone(zone).date(), datetime.min.time(), tzinfo=zone)
         since = min(now - timedelta(days=8), local_midnight.astimezone(UTC))
         cleared = sorted(
@@ -378,9 +420,11 @@ class Dispatcher:
     def take_back(self, s: Session, touch: Touch, why: str) -> bool:
         """A touch stuck in queued or sending past its lease: queue it again (True), or fail it.
 
-        A send a worker lost may have reached the person, so only an idempotent channel may repeat it.
+        A send a worker lost may have reached the person, so only an idempotent channel may repeat it. A
+        worker lost before its late checks were committed (no `cleared_at`) never called the channel.
         """
-        if touch.status == TouchStatus.sending and not self.channels[touch.channel].idempotent:
+        began = touch.status == TouchStatus.sending and touch.cleared_at is not None
+        if began and not self.channels[touch.channel].idempotent:
             self.finish(
                 s, touch, TouchStatus.failed, "worker lost during send; not repeated to avoid a duplicate"
             )

@@ -164,6 +164,11 @@ class Touch(SQLModel, table=True):
 
 
 class Outcome(SQLModel, table=True):
+    __table_args__ = (
+        # A call task's history: a contact's latest outcomes.
+        sa.Index("ix_outcome_contact_time", "contact_id", "occurred_at"),
+    )
+
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(max_length=32, index=True)
     enrollment_id: int | None = Field(default=None, foreign_key="enrollment.id", index=True)
@@ -179,6 +184,11 @@ class CallTask(SQLModel, table=True):
     """A call a person must make: the call channel's delivery."""
 
     __tablename__ = "call_task"
+    __table_args__ = (
+        # A manager's day (GET /call-tasks?owner=&date=) and open calls due by a day (the call list page).
+        sa.Index("ix_call_task_owner_day", "owner", "due_date"),
+        sa.Index("ix_call_task_owner_open", "owner", "status", "due_at"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     touch_id: int = Field(foreign_key="touch.id", unique=True)
@@ -214,7 +224,8 @@ class Block(SQLModel, table=True):
 
 
 class InboundEvent(SQLModel, table=True):
-    """Every delivery from a CRM, stored raw and committed before anything acts on it."""
+    """Every delivery from a CRM, stored raw: acted on, waiting for a worker (received), or rejected or
+    failed with why."""
 
     __tablename__ = "inbound_event"
     __table_args__ = (sa.UniqueConstraint("source", "event_id", name="uq_inbound_event"),)

@@ -34,7 +34,7 @@ from cadence import keys, store
 from cadence.language import OutcomeName
 from cadence.models import CallTask, Contact
 from cadence.openapi import Operation, Param
-from channels.call import task_view
+from channels.call import task_views
 
 if TYPE_CHECKING:
     from cadence.service import Service
@@ -232,8 +232,7 @@ def calls_list(s: Session, owner: str, day: date, zone: ZoneInfo) -> list[dict[s
     ).all()
     ordered = sorted(tasks, key=lambda t: (t.due_at >= first, -t.priority, t.due_at, t.id or 0))
     found = []
-    for task in ordered:
-        view = task_view(s, task)
+    for task, view in zip(ordered, task_views(s, ordered), strict=True):
         deal = view["deal"]
         found.append(
             {

@@ -1,6 +1,7 @@
 """The scheduler: claims due touches in batches and hands their ids to the broker; sweeps lost ones back.
 
-Claims lock rows with SKIP LOCKED on PostgreSQL, so several schedulers can run side by side.
+Claims lock rows with SKIP LOCKED on PostgreSQL, so several schedulers can run side by side. A claim is
+one UPDATE that returns the ids it queued, so its cost follows the batch, not the table.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, select, update
 
 from cadence import store
 from cadence.clock import Clock
@@ -47,9 +48,12 @@ class Scheduler:
         blocks_ended: Callable[[Session, datetime], list[int]] | None = None,
         post_activity: Callable[[], list[int]] | None = None,
         send_digests: Callable[[], list[str]] | None = None,
+        send_all: Callable[[list[int]], None] | None = None,
     ) -> None:
         self.db = db
         self.send = send
+        #: Hands a whole batch to the broker at once (one round trip); without it each id goes through `send`.
+        self.send_all = send_all
         self.clock = clock
         self.batch_size = batch_size
         self.lease = lease
@@ -71,14 +75,12 @@ class Scheduler:
                 result.enrolled = self.blocks_ended(s, self.clock())
         while True:
             batch = self._claim_due()
+            self._hand_over(batch)
             result.queued.extend(batch)
-            for touch_id in batch:
-                self.send(touch_id)
             if len(batch) < self.batch_size:
                 break
         self._sweep(result)
-        for touch_id in result.requeued:
-            self.send(touch_id)
+        self._hand_over(result.requeued)
         if self.post_activity is not None:
             result.posted = self.post_activity()
         if self.send_digests is not None:
@@ -86,19 +88,51 @@ class Scheduler:
         return result
 
     def _claim_due(self) -> list[int]:
+        """Queue the next batch of due touches, earliest first; their ids in due order."""
         now = self.clock()
-        with store.session(self.db) as s:
-            touches = s.exec(
-                select(Touch)
-                .where(Touch.status == TouchStatus.planned, col(Touch.due_at) <= now)
-                .order_by(col(Touch.due_at), col(Touch.id))
-                .limit(self.batch_size)
-                .with_for_update(skip_locked=True)
-            ).all()
-            for touch in touches:
-                touch.status = TouchStatus.queued
-                touch.queued_at = now
-            return [t.id or 0 for t in touches]
+        due = (
+            select(Touch.id)
+            .where(Touch.status == TouchStatus.planned, col(Touch.due_at) <= now)
+            .order_by(col(Touch.due_at), col(Touch.id))
+            .limit(self.batch_size)
+            .with_for_update(skip_locked=True)
+        )
+        claim = (
+            update(Touch)
+            .where(col(Touch.id).in_(due.scalar_subquery()))
+            .values(status=TouchStatus.queued, queued_at=now)
+            # Compared only, never shown: read as stored, without the aware-time conversion.
+            .returning(col(Touch.id), sa.type_coerce(col(Touch.due_at), sa.DateTime()))
+        )
+        with self.db.begin() as connection:
+            claimed = connection.execute(claim).all()
+        # RETURNING gives rows in no promised order; the broker gets them in due order.
+        return [touch_id or 0 for touch_id, _ in sorted(claimed, key=lambda row: (row[1], row[0] or 0))]
+
+    def _hand_over(self, touch_ids: list[int]) -> None:
+        """Give queued touches to the broker. If it refuses, they go back to planned, so the next tick
+        claims them again rather than the sweep after the lease; a message that got through before the
+        failure finds its touch no longer queued and is ignored by the worker."""
+        if not touch_ids:
+            return
+        try:
+            if self.send_all is not None:
+                self.send_all(touch_ids)
+            else:
+                for touch_id in touch_ids:
+                    self.send(touch_id)
+        except Exception:
+            self._release(touch_ids)
+            raise
+
+    def _release(self, touch_ids: list[int]) -> None:
+        with self.db.begin() as connection:
+            connection.execute(
+                update(Touch)
+                .where(col(Touch.id).in_(touch_ids), col(Touch.status) == TouchStatus.queued)
+                .values(status=TouchStatus.planned, queued_at=None)
+            )
+        log.warning("broker refused touches; planned again", extra={"touches": len(touch_ids)})
 
     def _sweep(self, result: Tick) -> None:
         now = self.clock()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections import Counter, defaultdict
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import markdown
@@ -17,33 +20,62 @@ from channels import Channel, Message, Receipt
 HISTORY = 20
 
 
+#: A Markdown converter per thread: making one costs more than converting a script with it.
+_converters = threading.local()
+
+
 def script_html(script: str) -> str:
     """The call script's Markdown as HTML. Any HTML in it (a CRM field with markup) is shown as text."""
-    return markdown.markdown(script.replace("&", "&amp;").replace("<", "&lt;"), extensions=["sane_lists"])
+    converter = getattr(_converters, "markdown", None)
+    if converter is None:
+        converter = _converters.markdown = markdown.Markdown(extensions=["sane_lists"])
+    return converter.reset().convert(script.replace("&", "&amp;").replace("<", "&lt;"))
 
 
-def history(s: Session, contact_id: int, before_touch: int | None = None) -> list[dict[str, Any]]:
-    """What already happened with the contact, across cadences, newest first: touches and outcomes."""
-    touches = s.exec(
-        select(Touch, Enrollment.cadence_name)
-        .join(Enrollment, col(Enrollment.id) == col(Touch.enrollment_id))
-        .where(
-            Enrollment.contact_id == contact_id,
-            col(Touch.status).in_([TouchStatus.sent, TouchStatus.skipped, TouchStatus.failed]),
-            col(Touch.finished_at).is_not(None),
-            col(Touch.id) != (before_touch or 0),
+def _latest(partition: Any, order: Any) -> Any:
+    return sa.func.row_number().over(partition_by=partition, order_by=order).label("n")
+
+
+def histories(s: Session, tasks: Sequence[CallTask]) -> dict[int, list[dict[str, Any]]]:
+    """What already happened with each task's contact, across cadences, newest first: touches and outcomes
+    (the task's own touch left out). Two queries, however many tasks."""
+    contacts = Counter(t.contact_id for t in tasks)
+    if not contacts:
+        return {}
+    done = col(Touch.status).in_([TouchStatus.sent, TouchStatus.skipped, TouchStatus.failed])
+    # Done touches are ranked apart and told by a column, not a filter on status: that would lead the
+    # database to walk every sent touch by the status index instead of these contacts' few.
+    ranked_touches = (
+        select(
+            col(Touch.id),
+            done.label("done"),
+            _latest((Enrollment.contact_id, done), col(Touch.finished_at).desc()),
         )
+        .join(Enrollment, col(Enrollment.id) == col(Touch.enrollment_id))
+        .where(col(Enrollment.contact_id).in_(contacts), col(Touch.finished_at).is_not(None))
+        .subquery()
+    )
+    # A contact's own tasks in the list are each left out of its history: take that many more.
+    touches = s.exec(
+        select(Touch, Enrollment.cadence_name, Enrollment.contact_id)
+        .join(ranked_touches, ranked_touches.c.id == col(Touch.id))
+        .join(Enrollment, col(Enrollment.id) == col(Touch.enrollment_id))
+        .where(ranked_touches.c.done, ranked_touches.c.n <= HISTORY + max(contacts.values()))
         .order_by(col(Touch.finished_at).desc())
-        .limit(HISTORY)
     ).all()
+    ranked_outcomes = (
+        select(col(Outcome.id), _latest(Outcome.contact_id, col(Outcome.occurred_at).desc()))
+        .where(col(Outcome.contact_id).in_(contacts))
+        .subquery()
+    )
     outcomes = s.exec(
         select(Outcome)
-        .where(Outcome.contact_id == contact_id)
-        .order_by(col(Outcome.occurred_at).desc())
-        .limit(HISTORY)
+        .join(ranked_outcomes, ranked_outcomes.c.id == col(Outcome.id))
+        .where(ranked_outcomes.c.n <= HISTORY)
     ).all()
-    items: list[dict[str, Any]] = [
-        {
+    done_by: dict[int, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
+    for touch, cadence, contact in touches:
+        sent: dict[str, Any] = {
             "at": touch.finished_at,
             "kind": "touch",
             "cadence": cadence,
@@ -52,34 +84,52 @@ def history(s: Session, contact_id: int, before_touch: int | None = None) -> lis
             "reason": touch.reason,
             "note": touch.status_reason,
         }
-        for touch, cadence in touches
-    ]
-    items += [
-        {"at": o.occurred_at, "kind": "outcome", "outcome": o.name, "touch_id": o.touch_id, "note": o.note}
-        for o in outcomes
-    ]
-    return sorted(items, key=lambda item: item["at"], reverse=True)[:HISTORY]
+        done_by[contact].append((touch.id or 0, sent))
+    heard_by: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for o in outcomes:
+        heard: dict[str, Any] = {
+            "at": o.occurred_at,
+            "kind": "outcome",
+            "outcome": o.name,
+            "touch_id": o.touch_id,
+            "note": o.note,
+        }
+        heard_by[o.contact_id or 0].append(heard)
+    found: dict[int, list[dict[str, Any]]] = {}
+    for task in tasks:
+        earlier = [item for touch_id, item in done_by[task.contact_id] if touch_id != task.touch_id][:HISTORY]
+        items = earlier + heard_by[task.contact_id]
+        found[task.id or 0] = sorted(items, key=lambda item: item["at"], reverse=True)[:HISTORY]
+    return found
 
 
-def task_view(s: Session, task: CallTask) -> dict[str, Any]:
-    """A call task as a person works it: the script as HTML, the deal, and the history before it."""
-    deal = s.get(Deal, task.deal_id) if task.deal_id else None
-    return {
-        **task.model_dump(),
-        "script_html": script_html(task.script),
-        "deal": None
-        if deal is None
-        else {
-            "id": deal.id,
-            "title": deal.title,
-            "stage": deal.stage,
-            "status": deal.status,
-            "amount": deal.amount,
-            "currency": deal.currency,
-            "probability": deal.probability,
-        },
-        "history": history(s, task.contact_id, task.touch_id),
-    }
+def task_views(s: Session, tasks: Sequence[CallTask]) -> list[dict[str, Any]]:
+    """Call tasks as a person works them: the script as HTML, the deal, and the history before each."""
+    wanted = {t.deal_id for t in tasks if t.deal_id}
+    deals = {d.id: d for d in s.exec(select(Deal).where(col(Deal.id).in_(wanted)))} if wanted else {}
+    found = histories(s, tasks)
+    views = []
+    for task in tasks:
+        deal = deals.get(task.deal_id)
+        views.append(
+            {
+                **task.model_dump(),
+                "script_html": script_html(task.script),
+                "deal": None
+                if deal is None
+                else {
+                    "id": deal.id,
+                    "title": deal.title,
+                    "stage": deal.stage,
+                    "status": deal.status,
+                    "amount": deal.amount,
+                    "currency": deal.currency,
+                    "probability": deal.probability,
+                },
+                "history": found[task.id or 0],
+            }
+        )
+    return views
 
 
 class CallTasks(Channel):

@@ -11,10 +11,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+import redis
 import sqlalchemy as sa
+from dramatiq import Worker
 from harness import MONDAY, Harness, deal_event, make_settings, start_harness
 from sqlmodel import col, update
 
+from cadence import broker as brokers
 from cadence import store
 from cadence.models import Touch, TouchStatus
 from cadence.scheduler import Scheduler, Tick
@@ -55,12 +58,12 @@ def _step(h: Harness, enrollment_id: int, step: int) -> Touch | None:
 def _tick_losing_messages(h: Harness) -> Tick:
     """A tick whose messages the broker loses: the touches are claimed, but no worker ever hears of them."""
     scheduler = h.service.scheduler
-    real = scheduler.send
-    scheduler.send = lambda touch_id: None
+    real = scheduler.send_all
+    scheduler.send_all = lambda touch_ids: None
     try:
         return scheduler.tick()
     finally:
-        scheduler.send = real
+        scheduler.send_all = real
 
 
 def _queue_step(h: Harness, enrollment_id: int, step: int) -> Touch:
@@ -78,13 +81,19 @@ def _queue_step(h: Harness, enrollment_id: int, step: int) -> Touch:
     return touch
 
 
-def _worker_dies_while_sending(h: Harness, touch_id: int) -> None:
-    """What a worker leaves behind when it claims a touch and dies before it records anything."""
+def _worker_dies_while_sending(h: Harness, touch_id: int, checked: bool = True) -> None:
+    """What a worker leaves behind when it claims a touch, passes the late checks (`checked`) and dies in the
+    channel's send; or, not `checked`, dies before its late checks were committed (the database went away)."""
     with store.session(h.service.db) as s:
         s.exec(
             update(Touch)
             .where(col(Touch.id) == touch_id, col(Touch.status) == TouchStatus.queued)
-            .values(status=TouchStatus.sending, sending_at=h.clock(), attempts=Touch.attempts + 1)
+            .values(
+                status=TouchStatus.sending,
+                sending_at=h.clock(),
+                attempts=Touch.attempts + 1,
+                cleared_at=h.clock() if checked else None,
+            )
         )
 
 
@@ -117,14 +126,15 @@ def test_one_tick_queues_every_due_touch_in_batches_in_due_order(tmp_path: Path)
         with store.session(h.service.db) as s:
             for touch_id, minutes in zip(ids, offsets, strict=True):
                 s.get_one(Touch, touch_id).due_at = MONDAY + timedelta(minutes=minutes)
-        sent: list[int] = []
-        h.service.scheduler.send = sent.append
+        batches: list[list[int]] = []
+        h.service.scheduler.send_all = batches.append
 
         tick = h.service.scheduler.tick()
 
         due_order = [i for _, i in sorted((m, i) for i, m in zip(ids, offsets, strict=True) if m <= 0)]
         assert tick.queued == due_order
-        assert sent == due_order
+        assert [touch_id for batch in batches for touch_id in batch] == due_order
+        assert [len(batch) for batch in batches] == [3, 3, 1]
         assert (tick.requeued, tick.failed) == ([], [])
         touches = {t.id: t for t in h.touches()}
         assert {touches[i].status for i in due_order} == {TouchStatus.queued}
@@ -143,6 +153,50 @@ def test_a_tick_with_nothing_due_queues_nothing(embedded: Harness) -> None:
 
     assert tick == Tick()
     assert [t.status for t in embedded.touches()] == [TouchStatus.planned]
+
+
+def test_touches_the_broker_refuses_are_planned_again_for_the_next_tick(tmp_path: Path) -> None:
+    h = start_harness(make_settings(tmp_path, scheduler_batch_size=2))
+    try:
+        _enroll(h, 3)
+        scheduler = h.service.scheduler
+        handed: list[list[int]] = []
+
+        def broker_down(touch_ids: list[int]) -> None:
+            handed.append(touch_ids)
+            raise ConnectionError("Redis is down")
+
+        scheduler.send_all = broker_down
+        with pytest.raises(ConnectionError):
+            scheduler.tick()
+
+        assert len(handed) == 1  # the tick stops at the first refusal
+        touches = h.touches()
+        assert {(t.status, t.queued_at) for t in touches} == {(TouchStatus.planned, None)}
+
+        sent: list[int] = []
+        scheduler.send_all = sent.extend
+        tick = scheduler.tick()  # at once: no lease to wait for
+
+        assert sorted(tick.queued) == sorted(sent) == sorted(t.id or 0 for t in touches)
+        assert {t.status for t in h.touches()} == {TouchStatus.queued}
+    finally:
+        h.stop()
+
+
+def test_without_a_batch_sender_each_id_goes_through_send(tmp_path: Path) -> None:
+    h = start_harness(make_settings(tmp_path, scheduler_batch_size=2))
+    try:
+        _enroll(h, 3)
+        scheduler = copy.copy(h.service.scheduler)
+        sent: list[int] = []
+        scheduler.send, scheduler.send_all = sent.append, None
+
+        tick = scheduler.tick()
+
+        assert sent == tick.queued and len(sent) == 3
+    finally:
+        h.stop()
 
 
 # --- the sweep ----------------------------------------------------------------------------------------------
@@ -218,6 +272,21 @@ def test_an_sms_stuck_in_sending_past_the_lease_fails_and_the_next_step_is_plann
     assert embedded.enrollments()[0].status == "active"
 
 
+def test_an_sms_lost_before_its_late_checks_is_sent_again_once(embedded: Harness) -> None:
+    [enrollment_id] = _enroll(embedded)
+    touch = _queue_step(embedded, enrollment_id, SMS_STEP)
+    _worker_dies_while_sending(embedded, touch.id or 0, checked=False)
+    _past_the_lease(embedded)
+
+    tick = embedded.service.scheduler.tick()
+    embedded.drain()
+
+    assert (tick.requeued, tick.failed) == ([touch.id], [])
+    sent = _touch(embedded, touch.id or 0)
+    assert (sent.status, sent.attempts) == (TouchStatus.sent, 2)
+    assert _sms_keys(embedded).count(touch.key) == 1
+
+
 # --- duplicate messages -------------------------------------------------------------------------------------
 
 
@@ -256,6 +325,43 @@ def test_two_broker_messages_for_one_touch_send_it_once(cadence: Harness, step: 
     assert (sent.status, sent.attempts) == (TouchStatus.sent, 1)
 
 
+@pytest.mark.integration
+def test_a_batch_sent_to_redis_is_the_messages_actor_sends_and_workers_run_them(redis_url: str) -> None:
+    broker = brokers.create_broker(redis_url)
+    received: list[int] = []
+    actor = brokers.declare_dispatch(broker, received.append)
+    client = redis.Redis.from_url(redis_url)
+    queue = f"dramatiq:{brokers.QUEUE}"
+    try:
+        actor.send_with_options(args=(1,), time_limit=5_000)
+        brokers.send_all(actor, [2, 3, 4], time_limit=5_000)
+
+        ids = [raw.decode() for raw in client.lrange(queue, 0, -1)]
+        bodies = [json.loads(client.hget(f"{queue}.msgs", i) or b"{}") for i in ids]
+        assert [b["args"] for b in bodies] == [[1], [2], [3], [4]]
+        single, *batch = bodies
+        varying = ("message_id", "message_timestamp", "args", "options")
+        shape = {k: v for k, v in single.items() if k not in varying}
+        for body in batch:
+            assert {k: v for k, v in body.items() if k in shape} == shape
+            assert body.keys() == single.keys()
+            assert body["options"].keys() == single["options"].keys()
+            assert body["options"]["time_limit"] == 5_000
+        assert [b["options"]["redis_message_id"] for b in bodies] == ids
+
+        worker = Worker(broker, worker_timeout=100)
+        worker.start()
+        try:
+            broker.join(brokers.QUEUE, timeout=10_000)
+            worker.join()
+        finally:
+            worker.stop()
+        assert sorted(received) == [1, 2, 3, 4]
+    finally:
+        client.close()
+        broker.close()
+
+
 # --- schedulers side by side --------------------------------------------------------------------------------
 
 
@@ -286,7 +392,7 @@ def _tick_side_by_side(h: Harness, engines: list[sa.Engine], batch_size: int) ->
     for engine, record in zip(engines, sent, strict=True):
         # The service's own scheduler, as another process would build it, on its own connections.
         scheduler = copy.copy(h.service.scheduler)
-        scheduler.db, scheduler.send, scheduler.batch_size = engine, record.append, batch_size
+        scheduler.db, scheduler.send_all, scheduler.batch_size = engine, record.extend, batch_size
         schedulers.append(scheduler)
     start = threading.Barrier(len(schedulers))
     errors: list[BaseException] = []
