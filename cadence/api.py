@@ -51,7 +51,7 @@ from cadence.rules import load as load_rules
 from cadence.rules import rule_files
 from cadence.sandbox import template_environment
 from cadence.service import Service, run_embedded
-from channels.call import task_view
+from channels.call import task_views
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +378,12 @@ OPERATIONS: list[Operation] = [
         status=202,
         answer={"type": "object"},
         errors=(400, 404, 422),
-        notes="No API key needed (a CRM cannot send one); a key sent must be valid and not a manager's.",
+        notes=(
+            "No API key needed (a CRM cannot send one); a key sent must be valid and not a manager's. "
+            "A delivery answered 2xx is stored. One arriving alone is acted on before the answer, "
+            "which lists what it caused; one of many arriving together is stored and acted on by a worker "
+            "moments later (`queued: true`). A repeated delivery gets 200 with `duplicate: true`."
+        ),
     ),
     Operation(
         "POST",
@@ -809,6 +814,8 @@ def create_app(service: Service, background: bool = True) -> Starlette:
             {
                 "event_id": intake.event_id,
                 "duplicate": intake.duplicate,
+                # Stored, and a worker acts on it moments later (many deliveries were arriving at once).
+                "queued": intake.queued is not None,
                 "enrolled": effects.enrolled,
                 "ended": effects.ended,
             },
@@ -999,7 +1006,7 @@ def create_app(service: Service, background: bool = True) -> Starlette:
                 query = query.where(CallTask.status == status)
             ordered = query.order_by(col(CallTask.priority).desc(), col(CallTask.due_at), col(CallTask.id))
             tasks = s.exec(ordered).all()
-            return {"date": day, "owner": owner, "status": status, "tasks": [task_view(s, t) for t in tasks]}
+            return {"date": day, "owner": owner, "status": status, "tasks": task_views(s, tasks)}
 
     # --- contacts, deals, touches ---------------------------------------------------------------------------
 

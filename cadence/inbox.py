@@ -1,22 +1,29 @@
-"""The inbox: every CRM delivery is stored raw and committed before anything acts on it.
+"""The inbox: every CRM delivery is stored raw, and a delivery answered 2xx is stored durably.
 
-An accepted event that a crash kept from being processed is found by the scheduler and processed then.
+When a delivery arrives alone it is stored and acted on in one transaction, and the answer says what it
+caused. When others are arriving at the same time, it is only stored, together with theirs in one commit, and
+handed to a worker to act on, so a burst of deliveries is taken at the pace of the disk, not of the engine.
+A rejected delivery, or one the engine fails on, is stored for inspection. A delivery stored but not acted
+on (`received`: its hand-off was lost, or a process stopped) is found by the scheduler and acted on then.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ValidationError
-from sqlmodel import col, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import Session, col, select
 
 from cadence import store
 from cadence.clock import Clock
@@ -27,6 +34,9 @@ from cadence.models import InboundEvent
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
+
+#: How JSON writes a NUL character inside a string (a raw NUL byte is refused before parsing).
+_NUL_ESCAPE = b"\\u0000"
 
 
 @dataclass(frozen=True)
@@ -57,10 +67,14 @@ Reader = Callable[[bytes], Reading]
 
 @dataclass(frozen=True)
 class Intake:
+    """What became of one delivery: acted on (with its effects), stored for a worker (`queued`, with the
+    row's id), a duplicate, or refused."""
+
     event_id: str
     duplicate: bool = False
     effects: Effects = dataclasses.field(default_factory=Effects)
     rejection: Rejection | None = None
+    queued: int | None = None
 
 
 def _no_constant(name: str) -> Any:
@@ -72,7 +86,8 @@ def parse_json(body: bytes) -> Any:
     if b"\x00" in body:
         raise ValueError("body contains a NUL byte")
     payload = json.loads(body, parse_constant=_no_constant)
-    path = _nul_path(payload, "")
+    # JSON can only carry NUL escaped, so a body without the escape needs no walk through every value.
+    path = _nul_path(payload, "") if _NUL_ESCAPE in body else None
     if path is not None:
         raise ValueError(f"{path or 'body'} contains a NUL character")
     return payload
@@ -135,6 +150,108 @@ def body_id(body: bytes) -> str:
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
+class _AlreadyStored(Exception):
+    """The delivery is stored already: a duplicate."""
+
+
+def _row(
+    source: str, body: bytes, reading: Reading, now: datetime, failure: str | None = None
+) -> InboundEvent:
+    """The inbox row of one delivery: received, or rejected or failed with why."""
+    kind, rejection = reading.kind, reading.rejection
+    status = "rejected" if rejection else "failed" if failure else "received"
+    return InboundEvent(
+        source=source,
+        event_id=reading.event_id.replace("\x00", "\ufffd"),
+        type=kind[:64].replace("\x00", "\ufffd") if kind else None,
+        # Kept for inspection even when rejected; NUL cannot be stored, so it is shown as U+FFFD.
+        body=body.decode("utf-8", errors="replace").replace("\x00", "\ufffd"),
+        received_at=now,
+        status=status,
+        error=rejection.message if rejection else failure,
+        processed_at=now if failure else None,
+    )
+
+
+def _failure(exc: Exception) -> str:
+    """Why processing failed, as the row keeps it: an engine error's own words, else the exception."""
+    return str(exc) if isinstance(exc, EngineError) else repr(exc)
+
+
+@dataclass
+class _Waiting:
+    """One delivery waiting to be stored: its row, then its id (None: a duplicate) or the error."""
+
+    row: InboundEvent
+    stored: threading.Event = dataclasses.field(default_factory=threading.Event)
+    leads: bool = False
+    row_id: int | None = None
+    error: BaseException | None = None
+
+
+#: The columns a delivery sent again replaces when its stored row was rejected or failed.
+_REPLACED = ("type", "body", "received_at", "status", "error", "processed_at")
+
+
+class _GroupCommit:
+    """Stores deliveries that arrive together in one transaction: one commit, and one wait for the disk,
+    for all of them. The first to arrive writes; those arriving meanwhile wait, and the first of them
+    writes the next group, so no request writes for others for longer than one group."""
+
+    def __init__(self, db: sa.Engine) -> None:
+        self.db = db
+        self._lock = threading.Lock()
+        self._queue: list[_Waiting] = []
+        self._writing = False
+
+    def store(self, row: InboundEvent) -> int | None:
+        """The stored row's id, or None when the delivery is stored already (a duplicate)."""
+        me = _Waiting(row)
+        with self._lock:
+            self._queue.append(me)
+            if not self._writing:
+                self._writing = me.leads = True
+        if not me.leads:
+            me.stored.wait()
+        if me.leads:
+            self._write_group()
+        if me.error is not None:
+            raise me.error
+        return me.row_id
+
+    def _write_group(self) -> None:
+        with self._lock:
+            group, self._queue = self._queue, []
+        try:
+            with self.db.begin() as connection:
+                for waiting in group:
+                    waiting.row_id = connection.execute(self._insert(waiting.row)).scalar_one_or_none()
+        except BaseException as exc:  # nothing of the group was stored: each request answers with the error
+            for waiting in group:
+                waiting.error, waiting.row_id = exc, None
+        with self._lock:
+            if self._queue:
+                following = self._queue[0]
+                following.leads = True
+                following.stored.set()
+            else:
+                self._writing = False
+        for waiting in group:
+            waiting.stored.set()
+
+    def _insert(self, row: InboundEvent) -> sa.Insert:
+        """Insert the row; in place of a rejected or failed one with its id; nothing over any other."""
+        table = InboundEvent.__table__  # type: ignore[attr-defined]
+        dialect: Any = postgresql if self.db.dialect.name == "postgresql" else sqlite
+        values = row.model_dump(exclude={"id"})
+        insert = dialect.insert(table).values(**values)
+        return insert.on_conflict_do_update(  # type: ignore[no-any-return]
+            index_elements=["source", "event_id"],
+            set_={name: insert.excluded[name] for name in _REPLACED},
+            where=table.c.status.in_(("rejected", "failed")),
+        ).returning(table.c.id)
+
+
 class Inbox:
     def __init__(
         self,
@@ -143,6 +260,7 @@ class Inbox:
         clock: Clock,
         metrics: Metrics,
         readers: Callable[[str], Reader | None] | None = None,
+        hand_off: Callable[[int], object] | None = None,
     ) -> None:
         self.db = db
         self.engine = engine
@@ -150,6 +268,12 @@ class Inbox:
         self.metrics = metrics
         #: The reader of each source's deliveries (generic only, without one).
         self.readers = readers or (lambda source: read_generic if source == "generic" else None)
+        #: Sends a stored delivery's id to a worker that acts on it; without one, every delivery is acted on
+        #: as it arrives.
+        self.hand_off = hand_off
+        self._group = _GroupCommit(db)
+        self._arriving = 0
+        self._arriving_lock = threading.Lock()
 
     def _reader(self, source: str) -> Reader:
         reader = self.readers(source)
@@ -158,55 +282,114 @@ class Inbox:
         return reader
 
     def receive(self, source: str, body: bytes) -> Intake:
-        """Store the delivery (a rejected one too, for inspection), then act on it."""
+        """Store the delivery; act on it at once when it arrived alone, else leave that to a worker."""
         now = self.clock()
         reading = self._reader(source)(body)
-        event_id, kind, rejection = reading.event_id, reading.kind, reading.rejection
-        row = InboundEvent(
-            source=source,
-            event_id=event_id.replace("\x00", "\ufffd"),
-            type=kind[:64].replace("\x00", "\ufffd") if kind else None,
-            # Kept for inspection even when rejected; NUL cannot be stored, so it is shown as U+FFFD.
-            body=body.decode("utf-8", errors="replace").replace("\x00", "\ufffd"),
-            received_at=now,
-            status="rejected" if rejection else "received",
-            error=rejection.message if rejection else None,
-        )
+        if reading.rejection is not None:
+            return self._refuse(source, body, reading, now)
+        with self._arrival() as alone:
+            if alone or self.hand_off is None:
+                return self._act_now(source, body, reading, now)
+            return self._queue(source, body, reading, now)
+
+    @contextlib.contextmanager
+    def _arrival(self) -> Iterator[bool]:
+        """Count the deliveries being received; yields whether this one is the only one."""
+        with self._arriving_lock:
+            alone = self._arriving == 0
+            self._arriving += 1
+        try:
+            yield alone
+        finally:
+            with self._arriving_lock:
+                self._arriving -= 1
+
+    def _queue(self, source: str, body: bytes, reading: Reading, now: datetime) -> Intake:
+        """Store the delivery with the others arriving now, and hand it to a worker."""
+        assert self.hand_off is not None
+        row_id = self._group.store(_row(source, body, reading, now))
+        if row_id is None:
+            self.metrics.webhooks.labels(source, "duplicate").inc()
+            return Intake(reading.event_id, duplicate=True)
+        self.metrics.webhooks.labels(source, "queued").inc()
+        try:
+            self.hand_off(row_id)
+        except Exception:
+            # Stored all the same: the scheduler finds the delivery still received and acts on it.
+            log.warning("could not hand a stored delivery to a worker", exc_info=True, extra={"row": row_id})
+        return Intake(reading.event_id, queued=row_id)
+
+    def _act_now(self, source: str, body: bytes, reading: Reading, now: datetime) -> Intake:
+        """Store the delivery and act on it in one transaction, so the answer tells what it caused; a
+        delivery the engine fails on is stored for inspection all the same."""
         try:
             with store.session(self.db) as s:
-                s.add(row)
-        except sa.exc.IntegrityError:
-            retried = self._retry(row) if rejection is None else None
-            if retried is None:
-                self.metrics.webhooks.labels(source, "duplicate").inc()
-                return Intake(event_id, duplicate=True, rejection=rejection)
-            row = retried
-        if rejection is not None:
-            self.metrics.webhooks.labels(source, "rejected").inc()
-            return Intake(event_id, rejection=rejection)
-        try:
-            effects = self.process(row.id or 0, source, reading.events)
-        except EngineError as exc:
-            return Intake(event_id, rejection=Rejection(422, "not_applicable", str(exc), exc.field))
-        return Intake(event_id, effects=effects or Effects())  # None: another process acted on it
-
-    def _retry(self, delivery: InboundEvent) -> InboundEvent | None:
-        """A new delivery of a rejected or failed event takes its place; None for a true duplicate."""
-        with store.session(self.db) as s:
-            row = s.exec(
-                select(InboundEvent)
-                .where(
-                    InboundEvent.source == delivery.source,
-                    InboundEvent.event_id == delivery.event_id,
-                    col(InboundEvent.status).in_(["rejected", "failed"]),
+                row = self._take(s, _row(source, body, reading, now))
+                effects = self._act(s, row, reading.events, now)
+        except _AlreadyStored:
+            self.metrics.webhooks.labels(source, "duplicate").inc()
+            return Intake(reading.event_id, duplicate=True)
+        except Exception as exc:
+            self._keep_failed(_row(source, body, reading, now, _failure(exc)))
+            self.metrics.webhooks.labels(source, "failed").inc()
+            if isinstance(exc, EngineError):
+                return Intake(
+                    reading.event_id, rejection=Rejection(422, "not_applicable", str(exc), exc.field)
                 )
-                .with_for_update()
-            ).first()
-            if row is None:
-                return None
-            row.body, row.type, row.received_at = delivery.body, delivery.type, delivery.received_at
-            row.status, row.error, row.processed_at = "received", None, None
-            return row
+            raise
+        self._processed(source, reading.events)
+        return Intake(reading.event_id, effects=effects)
+
+    def _refuse(self, source: str, body: bytes, reading: Reading, now: datetime) -> Intake:
+        assert reading.rejection is not None
+        try:
+            with store.session(self.db) as s:
+                s.add(_row(source, body, reading, now))
+        except sa.exc.IntegrityError:
+            self.metrics.webhooks.labels(source, "duplicate").inc()
+            return Intake(reading.event_id, duplicate=True, rejection=reading.rejection)
+        self.metrics.webhooks.labels(source, "rejected").inc()
+        return Intake(reading.event_id, rejection=reading.rejection)
+
+    @staticmethod
+    def _take(s: Session, delivery: InboundEvent) -> InboundEvent:
+        """The delivery's row, new or in place of a rejected or failed one; _AlreadyStored when it has one
+        already (a duplicate, or another process storing it at this moment)."""
+        row = s.exec(
+            select(InboundEvent)
+            .where(InboundEvent.source == delivery.source, InboundEvent.event_id == delivery.event_id)
+            .with_for_update()
+        ).first()
+        if row is None:
+            s.add(delivery)
+            try:
+                s.flush()
+            except sa.exc.IntegrityError:  # a concurrent transaction inserted it first
+                raise _AlreadyStored from None
+            return delivery
+        if row.status not in ("rejected", "failed"):
+            raise _AlreadyStored
+        row.body, row.type, row.received_at = delivery.body, delivery.type, delivery.received_at
+        row.status, row.error, row.processed_at = delivery.status, delivery.error, delivery.processed_at
+        return row
+
+    def _keep_failed(self, delivery: InboundEvent) -> None:
+        """Store a delivery the engine failed on, unless another process stored it meanwhile."""
+        with contextlib.suppress(_AlreadyStored), store.session(self.db) as s:
+            self._take(s, delivery)
+
+    def _act(self, s: Session, row: InboundEvent, events: list[Event], now: datetime) -> Effects:
+        effects = Effects()
+        for event in events:
+            done = self.engine.handle_event(s, row.source, event, now)
+            effects.enrolled += done.enrolled
+            effects.ended += done.ended
+        row.status, row.processed_at = "processed", now
+        return effects
+
+    def _processed(self, source: str, events: list[Event]) -> None:
+        self.metrics.webhooks.labels(source, "processed").inc()
+        log.info("delivery processed", extra={"source": source, "events": [e.type for e in events]})
 
     def process(self, row_id: int, source: str, events: list[Event]) -> Effects | None:
         """Act on a stored delivery's events once, all or none: None when another process already has."""
@@ -220,44 +403,56 @@ class Inbox:
                 ).first()
                 if row is None:
                     return None
-                effects = Effects()
-                for event in events:
-                    done = self.engine.handle_event(s, source, event, now)
-                    effects.enrolled += done.enrolled
-                    effects.ended += done.ended
-                row.status, row.processed_at = "processed", now
+                effects = self._act(s, row, events, now)
+        except sa.exc.OperationalError:
+            raise  # the database is away: the row stays received, to be acted on when it is back
         except Exception as exc:
-            self._mark_failed(row_id, str(exc) if isinstance(exc, EngineError) else repr(exc), now)
+            with store.session(self.db) as s:
+                failed = s.get_one(InboundEvent, row_id)
+                failed.status, failed.error, failed.processed_at = "failed", _failure(exc), now
             self.metrics.webhooks.labels(source, "failed").inc()
             raise
-        self.metrics.webhooks.labels(source, "processed").inc()
-        log.info("delivery processed", extra={"source": source, "events": [e.type for e in events]})
+        self._processed(source, events)
         return effects
 
-    def _mark_failed(self, row_id: int, message: str, now: datetime) -> None:
+    def act_on(self, row_id: int) -> Effects | None:
+        """Act on a stored delivery that is still waiting: a worker's hand-off, or the scheduler's replay.
+        None when it was not waiting, or could not be acted on (it is then marked failed, with why)."""
         with store.session(self.db) as s:
-            row = s.get_one(InboundEvent, row_id)
-            row.status, row.error, row.processed_at = "failed", message, now
+            found = s.exec(
+                select(InboundEvent.source, InboundEvent.body).where(
+                    InboundEvent.id == row_id, InboundEvent.status == "received"
+                )
+            ).first()
+        if found is None:
+            return None
+        source, body = found
+        reader = self.readers(source)
+        reading = reader(body.encode("utf-8")) if reader is not None else None
+        why = "no adapter reads this source any more" if reading is None else None
+        if reading is not None and reading.rejection is not None:
+            why = f"no longer readable: {reading.rejection.message}"  # the rules changed since it was stored
+        if reading is None or why is not None:
+            with store.session(self.db) as s:
+                row = s.get_one(InboundEvent, row_id)
+                row.status, row.error, row.processed_at = "failed", why, self.clock()
+            self.metrics.webhooks.labels(source, "failed").inc()
+            return None
+        try:
+            return self.process(row_id, source, reading.events)
+        except EngineError:
+            return None
 
     def replay(self, received_before: datetime) -> list[int]:
-        """Process accepted events still unprocessed from before `received_before`: a crash cut them short."""
+        """Act on deliveries still received from before `received_before`: their hand-off was lost, or a
+        process stopped before acting on them."""
         with store.session(self.db) as s:
             stale = s.exec(
-                select(InboundEvent.id, InboundEvent.source, InboundEvent.body)
+                select(InboundEvent.id)
                 .where(InboundEvent.status == "received", col(InboundEvent.received_at) < received_before)
                 .order_by(col(InboundEvent.id))
             ).all()
-        done = []
-        for row_id, source, body in stale:
-            reader = self.readers(source)
-            reading = reader(body.encode("utf-8")) if reader is not None else None
-            if reading is None or reading.rejection is not None:
-                continue
-            try:
-                if self.process(row_id or 0, source, reading.events) is not None:
-                    done.append(row_id or 0)
-            except EngineError:
-                continue
+        done = [row_id for row_id in stale if row_id is not None and self.act_on(row_id) is not None]
         if done:
             log.warning("replayed unprocessed events", extra={"events": done})
         return done

@@ -96,6 +96,8 @@ class Service:
         self.inbox = Inbox(self.db, self.engine, clock, self.metrics, self._reader)
         self.broker = brokers.create_broker(settings.redis_url)
         self.actor = brokers.declare_dispatch(self.broker, self.dispatcher.dispatch)
+        #: Deliveries stored in a burst are acted on by workers, like touches.
+        self.inbox.hand_off = brokers.declare_inbox(self.broker, self.inbox.act_on).send
         self.scheduler = Scheduler(
             self.db,
             send=self._queue,
@@ -107,6 +109,7 @@ class Service:
             blocks_ended=self.engine.blocks_ended,
             post_activity=self.poster.post_pending,
             send_digests=self.digests.send_due,
+            send_all=self._queue_all,
         )
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
@@ -247,7 +250,12 @@ class Service:
         return lambda body: adapter.read(body, self._rules)
 
     def _queue(self, touch_id: int) -> None:
-        self.actor.send(touch_id)
+        # The limit travels with the message, so every worker honours this deployment's setting.
+        limit_ms = self.settings.send_time_limit_seconds * 1000
+        self.actor.send_with_options(args=(touch_id,), time_limit=limit_ms)
+
+    def _queue_all(self, touch_ids: list[int]) -> None:
+        brokers.send_all(self.actor, touch_ids, time_limit=self.settings.send_time_limit_seconds * 1000)
 
     def start_worker(self, threads: int | None = None, poll_ms: int = 1000) -> Worker:
         """Worker threads in this process; `poll_ms` bounds how long stopping waits for idle consumers."""

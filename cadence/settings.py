@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-#: Seconds one send may take before the worker gives up on it.
+#: Seconds one send may take, by default, before the worker gives up on it.
 SEND_TIME_LIMIT_SECONDS = 120
+#: Seconds a lease must outlast the send time limit: the worker's own give-back after the limit strikes, and
+#: clocks on different hosts that disagree a little.
+LEASE_MARGIN_SECONDS = 10
 
 
 class Settings(BaseSettings):
@@ -34,9 +37,11 @@ class Settings(BaseSettings):
     scheduler_interval_seconds: float = 5.0
     #: Touches claimed per scheduler transaction.
     scheduler_batch_size: int = 100
+    #: Seconds one send may take before the worker gives up on it (and gives the touch back).
+    send_time_limit_seconds: int = Field(default=SEND_TIME_LIMIT_SECONDS, ge=1)
     #: Seconds a touch may sit in queued or sending before the scheduler's sweep takes it back; longer
     #: than a send may take, or the sweep would take back sends still under way.
-    lease_seconds: int = Field(default=300, ge=SEND_TIME_LIMIT_SECONDS + 30)
+    lease_seconds: int = 300
     #: Worker threads in `cadence serve` (embedded) or per `cadence worker` process.
     worker_threads: int = 4
     #: Zone used when neither the contact nor the cadence names one.
@@ -107,6 +112,17 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_json: bool = True
+
+    @model_validator(mode="after")
+    def _lease_outlasts_a_send(self) -> Self:
+        shortest = self.send_time_limit_seconds + LEASE_MARGIN_SECONDS
+        if self.lease_seconds < shortest:
+            raise ValueError(
+                f"lease_seconds ({self.lease_seconds}) must be at least send_time_limit_seconds "
+                f"({self.send_time_limit_seconds}) + {LEASE_MARGIN_SECONDS}, i.e. {shortest}, or the sweep "
+                "would take back sends still under way"
+            )
+        return self
 
     @property
     def embedded_broker(self) -> bool:

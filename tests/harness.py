@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 
 from cadence import store
 from cadence.api import create_app
-from cadence.broker import QUEUE
+from cadence.broker import INBOX_QUEUE, QUEUE
 from cadence.clock import ManualClock
 from cadence.models import Enrollment, Touch, TouchStatus
 from cadence.service import Service
@@ -88,7 +88,9 @@ class Harness:
         return self.client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
 
     def drain(self) -> None:
-        """Wait until every queued message has been handled by the worker threads."""
+        """Wait until every queued message (stored deliveries, then touches) has been handled by the worker
+        threads."""
+        self.service.broker.join(INBOX_QUEUE, timeout=30_000)
         self.service.broker.join(QUEUE, timeout=30_000)
         assert self.service._worker is not None
         self.service._worker.join()

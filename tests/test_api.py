@@ -70,7 +70,13 @@ def test_webhook_good_body_is_accepted_with_the_enrolled_ids(api: Harness) -> No
     answer = response.json()
     enrollments = api.enrollments()
     assert [e.cadence_name for e in enrollments] == ["open-deal"]
-    assert answer == {"event_id": "evt-1", "duplicate": False, "enrolled": [enrollments[0].id], "ended": []}
+    assert answer == {
+        "event_id": "evt-1",
+        "duplicate": False,
+        "queued": False,
+        "enrolled": [enrollments[0].id],
+        "ended": [],
+    }
 
 
 def test_webhook_same_event_id_again_is_a_duplicate_and_changes_nothing(api: Harness) -> None:
@@ -81,7 +87,13 @@ def test_webhook_same_event_id_again_is_a_duplicate_and_changes_nothing(api: Har
     again = api.post("/webhooks/generic", deal_event(amount=99_999))
 
     assert again.status_code == 200
-    assert again.json() == {"event_id": "evt-1", "duplicate": True, "enrolled": [], "ended": []}
+    assert again.json() == {
+        "event_id": "evt-1",
+        "duplicate": True,
+        "queued": False,
+        "enrolled": [],
+        "ended": [],
+    }
     assert len(api.enrollments()) == 1
     assert [(t.id, t.status) for t in api.touches()] == touches_before
     assert _count(api, InboundEvent) == 1

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from fuzz_strategies import GENERIC_BODY, mangled_bodies
 from harness import REPO, Harness, make_settings, start_harness
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -538,7 +539,13 @@ def test_a_repeated_delivery_is_a_harmless_duplicate(
     again = send(h, body)
 
     assert again.status_code == 200
-    assert again.json() == {"event_id": first["event_id"], "duplicate": True, "enrolled": [], "ended": []}
+    assert again.json() == {
+        "event_id": first["event_id"],
+        "duplicate": True,
+        "queued": False,
+        "enrolled": [],
+        "ended": [],
+    }
     assert cadences(h) == enrollments
     with store.session(h.service.db) as s:
         assert len(s.exec(select(InboundEvent)).all()) == 1
@@ -730,3 +737,55 @@ def test_forms_read_php_nested_keys_into_dicts_and_lists() -> None:
     for bad in (b"a[b=1", b"a=1&a=2", b"a=1&a[b]=2", b"[x]=1", b"a=%00", b"a" + b"[b]" * 11 + b"=1"):
         with pytest.raises(FormError):
             parse_form(bad)
+
+
+# --- mangled bodies for every adapter, through the app --------------------------------------------------
+
+#: A recorded delivery of each CRM, and one in Cadence's own event shape: what mangled bodies start from.
+SEEDS = {**BODIES, "generic/event.json": GENERIC_BODY}
+
+
+def generic(h: Harness, body: bytes) -> Any:
+    return h.client.post("/webhooks/generic", content=body, headers={"content-type": "application/json"})
+
+
+#: How each source's deliveries are sent: signed or authenticated as that CRM does, over the mangled body.
+SENDERS: dict[str, Callable[[Harness, bytes], Any]] = {
+    "generic": generic,
+    "pipedrive": pipedrive,
+    "hubspot": hubspot_v1,
+    "amocrm": amocrm,
+    "bitrix24": bitrix24,
+}
+
+
+def send_mangled(h: Harness, seed: str, body: bytes) -> Any:
+    """POST a body mangled from `seed` to the seed's adapter, authenticated as its CRM would."""
+    return SENDERS[seed.partition("/")[0]](h, body)
+
+
+def lenient_harness(tmp_path: Path) -> Harness:
+    """A harness whose client hands back a 500 as a response, as a CRM would see it, instead of raising."""
+    harness = start_harness(make_settings(tmp_path, **CREDENTIALS))
+    harness.client = TestClient(harness.client.app, raise_server_exceptions=False)
+    return harness
+
+
+@pytest.fixture(scope="module")
+def lenient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    harness = lenient_harness(tmp_path_factory.mktemp("mangled"))
+    yield harness
+    harness.stop()
+
+
+@settings(max_examples=150, deadline=None, database=None, derandomize=True)
+@given(case=mangled_bodies(SEEDS))
+def test_a_mangled_body_to_any_adapter_gets_a_4xx_never_a_5xx(
+    lenient: Harness, case: tuple[str, bytes]
+) -> None:
+    seed, body = case
+    response = send_mangled(lenient, seed, body)
+
+    assert response.status_code < 300 or 400 <= response.status_code < 500, (seed, body[:300], response.text)
+    if response.status_code >= 400:
+        assert response.json()["error"]["message"]

@@ -120,6 +120,7 @@ def test_a_lost_deal_moves_into_the_nurture(cadence: Harness) -> None:
     assert response.json() == {
         "event_id": "evt-2",
         "duplicate": False,
+        "queued": False,
         "enrolled": [nurture.id],
         "ended": [open_deal.id],
     }
