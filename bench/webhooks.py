@@ -23,7 +23,9 @@ Targets: at least 1,000 webhooks/s with p99 under 100 ms. Run from the repositor
     .venv/bin/python bench/webhooks.py [--setup embedded|redis|both] [--duration 15] [--warmup 5]
         [--threads 2] [--connections 32] [--profile DIR]
 
-With --profile, py-spy records the Cadence server during each measured run (a speedscope file per setup).
+With --profile, py-spy records where the Cadence server spends CPU (threads holding the GIL) during each
+measured run (collapsed stacks, one file per
+setup, for flamegraph.pl or speedscope).
 """
 
 from __future__ import annotations
@@ -156,7 +158,7 @@ def profiler(pid: int, out: Path | None) -> Iterator[None]:
     if out is None:
         yield
         return
-    argv = [str(Path(PYTHON).with_name("py-spy")), "record", "--pid", str(pid), "--format", "speedscope"]
+    argv = [str(Path(PYTHON).with_name("py-spy")), "record", "--pid", str(pid), "--format", "raw", "--gil"]
     argv += ["--output", str(out), "--rate", str(PROFILE_RATE)]
     proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
     try:
@@ -230,7 +232,7 @@ def measure_cadence(setup: str, load: Load, template: Path, profile: Path | None
         env = cadence_env(folder, port, redis_url)
         with server(argv, env, folder, f"http://127.0.0.1:{port}/healthz") as proc:
             warm = wrk(port, load, template, 1, load.warmup)
-            with profiler(proc.pid, profile and profile / f"cadence-{setup}.speedscope.json"):
+            with profiler(proc.pid, profile and profile / f"cadence-{setup}.txt"):
                 distinct = wrk(port, load, template, 2, load.duration)
             duplicate = wrk(port, load, template, 3, load.duration, same=True)
         rows = count_rows(folder / "cadence.db")

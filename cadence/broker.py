@@ -65,20 +65,20 @@ def declare_inbox(broker: dramatiq.Broker, act_on: Callable[[int], Any]) -> dram
     return declare(act_on_delivery)
 
 
-def send_all(actor: dramatiq.Actor[Any, Any], touch_ids: list[int], **options: Any) -> None:
-    """Queue one message per touch id, the messages `actor.send_with_options(args=(id,), **options)` makes.
+def send_all(actor: dramatiq.Actor[Any, Any], ids: list[int], **options: Any) -> None:
+    """Queue one message per id (a touch's, or a stored delivery's), the messages
+    `actor.send_with_options(args=(id,), **options)` makes.
     On Redis the batch is written in one round trip, all or nothing, instead of a script call per message."""
     broker = actor.broker
-    if not touch_ids:
+    if not ids:
         return
     if not isinstance(broker, RedisBroker):
-        for touch_id in touch_ids:
-            actor.send_with_options(args=(touch_id,), **options)
+        for one in ids:
+            actor.send_with_options(args=(one,), **options)
         return
     # Each enqueued message has its own id in Redis, as RedisBroker.enqueue gives it.
     messages = [
-        actor.message_with_options(args=(touch_id,), **options, redis_message_id=str(uuid4()))
-        for touch_id in touch_ids
+        actor.message_with_options(args=(one,), **options, redis_message_id=str(uuid4())) for one in ids
     ]
     for message in messages:
         broker.emit_before("enqueue", message, None)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,6 +37,9 @@ from cadence.models import InboundEvent
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
+#: Seconds without a delivery stored for a worker before one arriving alone is acted on at once again: in a
+#: burst, the moments when no other delivery happens to be in flight do not count as quiet.
+BURST_QUIET_SECONDS = 0.5
 #: How JSON writes a NUL character inside a string (a raw NUL byte is refused before parsing).
 _NUL_ESCAPE = b"\\u0000"
 
@@ -196,10 +201,12 @@ _REPLACED = ("type", "body", "received_at", "status", "error", "processed_at")
 class _GroupCommit:
     """Stores deliveries that arrive together in one transaction: one commit, and one wait for the disk,
     for all of them. The first to arrive writes; those arriving meanwhile wait, and the first of them
-    writes the next group, so no request writes for others for longer than one group."""
+    writes the next group, so no request writes for others for longer than one group. Once committed, the
+    new rows' ids go to `written` together (one message batch to the broker, not one per delivery)."""
 
-    def __init__(self, db: sa.Engine) -> None:
+    def __init__(self, db: sa.Engine, written: Callable[[list[int]], None]) -> None:
         self.db = db
+        self.written = written
         self._lock = threading.Lock()
         self._queue: list[_Waiting] = []
         self._writing = False
@@ -225,10 +232,14 @@ class _GroupCommit:
         try:
             with self.db.begin() as connection:
                 for waiting in group:
-                    waiting.row_id = connection.execute(self._insert(waiting.row)).scalar_one_or_none()
+                    values = waiting.row.model_dump(exclude={"id"})
+                    waiting.row_id = connection.execute(self._insert, values).scalar_one_or_none()
         except BaseException as exc:  # nothing of the group was stored: each request answers with the error
             for waiting in group:
                 waiting.error, waiting.row_id = exc, None
+        stored = [waiting.row_id for waiting in group if waiting.row_id is not None]
+        if stored:
+            self.written(stored)
         with self._lock:
             if self._queue:
                 following = self._queue[0]
@@ -239,12 +250,13 @@ class _GroupCommit:
         for waiting in group:
             waiting.stored.set()
 
-    def _insert(self, row: InboundEvent) -> sa.Insert:
-        """Insert the row; in place of a rejected or failed one with its id; nothing over any other."""
+    @functools.cached_property
+    def _insert(self) -> sa.Insert:
+        """Insert a row; in place of a rejected or failed one with its id; nothing over any other. Made
+        once: the values come as parameters."""
         table = InboundEvent.__table__  # type: ignore[attr-defined]
         dialect: Any = postgresql if self.db.dialect.name == "postgresql" else sqlite
-        values = row.model_dump(exclude={"id"})
-        insert = dialect.insert(table).values(**values)
+        insert = dialect.insert(table)
         return insert.on_conflict_do_update(  # type: ignore[no-any-return]
             index_elements=["source", "event_id"],
             set_={name: insert.excluded[name] for name in _REPLACED},
@@ -260,7 +272,7 @@ class Inbox:
         clock: Clock,
         metrics: Metrics,
         readers: Callable[[str], Reader | None] | None = None,
-        hand_off: Callable[[int], object] | None = None,
+        hand_off: Callable[[list[int]], object] | None = None,
     ) -> None:
         self.db = db
         self.engine = engine
@@ -268,12 +280,13 @@ class Inbox:
         self.metrics = metrics
         #: The reader of each source's deliveries (generic only, without one).
         self.readers = readers or (lambda source: read_generic if source == "generic" else None)
-        #: Sends a stored delivery's id to a worker that acts on it; without one, every delivery is acted on
-        #: as it arrives.
+        #: Sends stored deliveries' ids to the workers that act on them; without it, every delivery is acted
+        #: on as it arrives.
         self.hand_off = hand_off
-        self._group = _GroupCommit(db)
+        self._group = _GroupCommit(db, self._hand_over)
         self._arriving = 0
         self._arriving_lock = threading.Lock()
+        self._last_queued = -BURST_QUIET_SECONDS  # monotonic seconds
 
     def _reader(self, source: str) -> Reader:
         reader = self.readers(source)
@@ -294,9 +307,11 @@ class Inbox:
 
     @contextlib.contextmanager
     def _arrival(self) -> Iterator[bool]:
-        """Count the deliveries being received; yields whether this one is the only one."""
+        """Count the deliveries being received; yields whether this one is the only one, and no burst is
+        under way."""
         with self._arriving_lock:
-            alone = self._arriving == 0
+            quiet = time.monotonic() - self._last_queued > BURST_QUIET_SECONDS
+            alone = self._arriving == 0 and quiet
             self._arriving += 1
         try:
             yield alone
@@ -305,19 +320,22 @@ class Inbox:
                 self._arriving -= 1
 
     def _queue(self, source: str, body: bytes, reading: Reading, now: datetime) -> Intake:
-        """Store the delivery with the others arriving now, and hand it to a worker."""
-        assert self.hand_off is not None
+        """Store the delivery with the others arriving now; the group goes to the workers together."""
+        self._last_queued = time.monotonic()
         row_id = self._group.store(_row(source, body, reading, now))
         if row_id is None:
             self.metrics.webhooks.labels(source, "duplicate").inc()
             return Intake(reading.event_id, duplicate=True)
         self.metrics.webhooks.labels(source, "queued").inc()
-        try:
-            self.hand_off(row_id)
-        except Exception:
-            # Stored all the same: the scheduler finds the delivery still received and acts on it.
-            log.warning("could not hand a stored delivery to a worker", exc_info=True, extra={"row": row_id})
         return Intake(reading.event_id, queued=row_id)
+
+    def _hand_over(self, row_ids: list[int]) -> None:
+        try:
+            if self.hand_off is not None:
+                self.hand_off(row_ids)
+        except Exception:
+            # Stored all the same: the scheduler finds the deliveries still received and acts on them.
+            log.warning("could not hand deliveries to a worker", exc_info=True, extra={"rows": row_ids})
 
     def _act_now(self, source: str, body: bytes, reading: Reading, now: datetime) -> Intake:
         """Store the delivery and act on it in one transaction, so the answer tells what it caused; a

@@ -97,7 +97,8 @@ class Service:
         self.broker = brokers.create_broker(settings.redis_url)
         self.actor = brokers.declare_dispatch(self.broker, self.dispatcher.dispatch)
         #: Deliveries stored in a burst are acted on by workers, like touches.
-        self.inbox.hand_off = brokers.declare_inbox(self.broker, self.inbox.act_on).send
+        inbox_actor = brokers.declare_inbox(self.broker, self.inbox.act_on)
+        self.inbox.hand_off = lambda row_ids: brokers.send_all(inbox_actor, row_ids)
         self.scheduler = Scheduler(
             self.db,
             send=self._queue,

@@ -16,7 +16,7 @@ from harness import Harness, deal_event, make_settings, start_harness
 from sqlmodel import func, select
 
 from cadence import store
-from cadence.inbox import Inbox
+from cadence.inbox import BURST_QUIET_SECONDS, Inbox
 from cadence.models import Enrollment, InboundEvent
 
 #: Deliveries in one burst.
@@ -77,7 +77,7 @@ def _burst(inbox: Inbox, bodies: list[bytes]) -> list[object]:
 def test_a_burst_is_stored_in_a_few_commits_and_handed_off_whole(harness: Harness) -> None:
     inbox = harness.service.inbox
     handed: list[int] = []
-    inbox.hand_off = handed.append
+    inbox.hand_off = handed.extend
     commits: list[int] = []
     sa.event.listen(harness.service.db, "commit", lambda _connection: commits.append(1))
     blocker = _hold_write_lock(harness)
@@ -108,7 +108,7 @@ def test_a_burst_is_stored_in_a_few_commits_and_handed_off_whole(harness: Harnes
 def test_the_same_delivery_in_a_burst_is_stored_once(harness: Harness) -> None:
     inbox = harness.service.inbox
     handed: list[int] = []
-    inbox.hand_off = handed.append
+    inbox.hand_off = handed.extend
     blocker = _hold_write_lock(harness)
     threads, answers = _burst(inbox, [_body(7)] * BURST)
     _wait_for(lambda: len(inbox._group._queue) == BURST - 2, "the burst to line up")
@@ -127,7 +127,7 @@ def test_the_same_delivery_in_a_burst_is_stored_once(harness: Harness) -> None:
 def test_a_lost_hand_off_is_found_by_the_scheduler(harness: Harness) -> None:
     inbox = harness.service.inbox
 
-    def broker_down(row_id: int) -> None:
+    def broker_down(row_ids: list[int]) -> None:
         raise ConnectionError("broker unreachable")
 
     inbox.hand_off = broker_down
@@ -150,6 +150,8 @@ def test_a_lost_hand_off_is_found_by_the_scheduler(harness: Harness) -> None:
 
 def test_a_delivery_that_failed_before_is_stored_again_in_a_group(harness: Harness) -> None:
     inbox = harness.service.inbox
+    handed: list[int] = []
+    inbox.hand_off = handed.extend
     with store.session(harness.service.db) as s:
         s.add(
             InboundEvent(
@@ -166,6 +168,7 @@ def test_a_delivery_that_failed_before_is_stored_again_in_a_group(harness: Harne
     )
     [row] = _rows(harness)
     assert stored == row.id and row.status == "received" and row.error is None
+    assert handed == [row.id]
     assert inbox.act_on(row.id or 0) is not None
     assert (
         inbox._group.store(
@@ -173,3 +176,16 @@ def test_a_delivery_that_failed_before_is_stored_again_in_a_group(harness: Harne
         )
         is None
     )  # processed: a duplicate now
+
+
+def test_during_a_burst_a_delivery_alone_for_a_moment_is_still_queued(harness: Harness) -> None:
+    inbox = harness.service.inbox
+    handed: list[int] = []
+    inbox.hand_off = handed.extend
+    inbox._last_queued = time.monotonic()  # a delivery was stored for a worker just now
+    during = inbox.receive("generic", _body(1))
+    assert during.queued is not None and handed == [during.queued]
+    assert _enrollments(harness) == 0
+    inbox._last_queued = time.monotonic() - BURST_QUIET_SECONDS - 1  # the burst is over
+    after = inbox.receive("generic", _body(2))
+    assert after.queued is None and len(after.effects.enrolled) == 1
