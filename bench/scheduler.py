@@ -15,7 +15,7 @@ Rows are shaped like the engine's (contacts, enrollments pinned to a cadence ver
 bulk (executemany on SQLite, COPY on PostgreSQL). Run from the repository root:
 
     .venv/bin/python bench/scheduler.py [--backend both|sqlite|postgresql] [--enrollments 1000000]
-        [--burst 50000] [--batch-size 100] [--repeats 5] [--per-id]
+        [--burst 50000] [--batch-size 500] [--repeats 5] [--per-id]
 """
 
 from __future__ import annotations

@@ -24,8 +24,7 @@ Targets: at least 1,000 webhooks/s with p99 under 100 ms. Run from the repositor
         [--threads 2] [--connections 32] [--profile DIR]
 
 With --profile, py-spy records where the Cadence server spends CPU (threads holding the GIL) during each
-measured run (collapsed stacks, one file per
-setup, for flamegraph.pl or speedscope).
+measured run: collapsed stacks, one file per setup, for flamegraph.pl or speedscope.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     #: Seconds between scheduler ticks.
     scheduler_interval_seconds: float = 5.0
     #: Touches claimed per scheduler transaction.
-    scheduler_batch_size: int = 100
+    scheduler_batch_size: int = 500
     #: Seconds one send may take before the worker gives up on it (and gives the touch back).
     send_time_limit_seconds: int = Field(default=SEND_TIME_LIMIT_SECONDS, ge=1)
     #: Seconds a touch may sit in queued or sending before the scheduler's sweep takes it back; longer
