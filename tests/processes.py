@@ -220,6 +220,8 @@ class Census:
     emails: set[str]
     #: Event ids in the inbox.
     events: set[str] = field(default_factory=set)
+    #: Deliveries stored and not yet acted on (stored in a burst, for a worker).
+    waiting: int = 0
 
     @property
     def by_status(self) -> Counter[str]:
@@ -227,9 +229,9 @@ class Census:
 
     @property
     def settled(self) -> bool:
-        """Every enrollment has all its touches, and none is still on its way."""
+        """Every delivery is acted on, every enrollment has all its touches, and none is still on its way."""
         done = not any(status in _UNSETTLED for _, _, status, _, _ in self.touches)
-        return done and len(self.touches) == self.enrollments * self.steps
+        return done and not self.waiting and len(self.touches) == self.enrollments * self.steps
 
     def doubled(self) -> list[str]:
         """Keys delivered more than once."""
@@ -274,6 +276,9 @@ def count(database_url: str, outbox: Path, steps: int) -> Census:
                 for t in s.exec(select(Touch)).all()
             ]
             events = set(s.exec(select(InboundEvent.event_id)).all())
+            waiting = s.exec(
+                select(sa.func.count()).select_from(InboundEvent).where(InboundEvent.status == "received")
+            ).one()
     finally:
         db.dispose()
     sms = outbox / "sms.jsonl"
@@ -285,6 +290,7 @@ def count(database_url: str, outbox: Path, steps: int) -> Census:
         sms_lines=Counter(json.loads(line)["key"] for line in lines),
         emails={path.stem for path in (outbox / "email").glob("*.eml")},
         events=events,
+        waiting=waiting,
     )
 
 

@@ -113,7 +113,8 @@ def test_one_webhook_posted_a_hundred_times_at_once_enrolls_once(
     )
     run = post_at_once(tmp_path, url, COPIES, steps=2)
     assert [(p.status, p.body) for p in run.posted if not p.accepted] == []
-    first = [p for p in run.posted if not p.body.get("duplicate")]
-    assert len(first) == 1 and len(first[0].body["enrolled"]) == 1
+    [first] = [p for p in run.posted if not p.body.get("duplicate")]
+    # Acted on before its answer, or stored with a burst and acted on by a worker moments later.
+    assert len(first.body["enrolled"]) == 1 or first.body["queued"] is True
     assert run.census.enrollments == 1
     _assert_once(run)
