@@ -31,38 +31,34 @@ def create_broker(redis_url: str | None) -> dramatiq.Broker:
     return StubBroker()
 
 
-def declare_dispatch(broker: dramatiq.Broker, dispatch: Callable[[int], Any]) -> dramatiq.Actor[Any, Any]:
-    """The actor that sends one touch; the message carries only the touch id, the database has the rest."""
+def _declare(
+    broker: dramatiq.Broker, name: str, queue: str, fn: Callable[[int], Any]
+) -> dramatiq.Actor[Any, Any]:
+    """An actor whose message carries only a row's id; the database has the rest."""
 
-    def dispatch_touch(touch_id: int) -> None:
-        dispatch(touch_id)
+    def act(row_id: int) -> None:
+        fn(row_id)
 
+    act.__name__ = act.__qualname__ = name
     declare = dramatiq.actor(
         broker=broker,
-        actor_name="dispatch_touch",
-        queue_name=QUEUE,
+        actor_name=name,
+        queue_name=queue,
         max_retries=MAX_RETRIES,
         min_backoff=MIN_BACKOFF_MS,
         time_limit=TIME_LIMIT_MS,
     )
-    return declare(dispatch_touch)
+    return declare(act)
+
+
+def declare_dispatch(broker: dramatiq.Broker, dispatch: Callable[[int], Any]) -> dramatiq.Actor[Any, Any]:
+    """The actor that sends one touch."""
+    return _declare(broker, "dispatch_touch", QUEUE, dispatch)
 
 
 def declare_inbox(broker: dramatiq.Broker, act_on: Callable[[int], Any]) -> dramatiq.Actor[Any, Any]:
-    """The actor that acts on one stored webhook delivery; the message carries only the row's id."""
-
-    def act_on_delivery(row_id: int) -> None:
-        act_on(row_id)
-
-    declare = dramatiq.actor(
-        broker=broker,
-        actor_name="act_on_delivery",
-        queue_name=INBOX_QUEUE,
-        max_retries=MAX_RETRIES,
-        min_backoff=MIN_BACKOFF_MS,
-        time_limit=TIME_LIMIT_MS,
-    )
-    return declare(act_on_delivery)
+    """The actor that acts on one stored webhook delivery."""
+    return _declare(broker, "act_on_delivery", INBOX_QUEUE, act_on)
 
 
 def send_all(actor: dramatiq.Actor[Any, Any], ids: list[int], **options: Any) -> None:

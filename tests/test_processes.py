@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -17,6 +16,7 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 from harness import deal_event
+from processes import Group, wait_for
 from servers import free_port
 
 #: Seconds to wait for the processes to carry a touch through.
@@ -74,58 +74,17 @@ def quick_rules(tmp_path: Path) -> dict[str, str]:
     }
 
 
-class Processes:
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
-        # Only what the test sets: a REDIS_URL or DATABASE_URL from the developer's shell must not leak in.
-        inherited = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
-        self.env = {**inherited, **env}
-        self.logs = logs
-        self.running: list[subprocess.Popen[bytes]] = []
-
-    def start(self, *args: str) -> subprocess.Popen[bytes]:
-        with (self.logs / f"{args[0]}-{len(self.running)}.log").open("wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "cadence", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
-        self.running.append(proc)
-        return proc
-
-    def stop(self) -> None:
-        for proc in self.running:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.running:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    def tail(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.logs.glob("*.log")))
-
-
 @pytest.fixture
 def processes(tmp_path: Path) -> Iterator[Any]:
-    made: list[Processes] = []
+    made: list[Group] = []
 
-    def make(env: dict[str, str]) -> Processes:
-        made.append(Processes(env, tmp_path))
+    def make(env: dict[str, str]) -> Group:
+        made.append(Group(env, tmp_path))
         return made[-1]
 
     yield make
     for group in made:
         group.stop()
-
-
-def _wait_for(check: Any, what: str, group: Processes) -> Any:
-    deadline = time.monotonic() + PATIENCE
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}\n{group.tail()}")
 
 
 def _get(url: str) -> Any:
@@ -136,9 +95,9 @@ def _get(url: str) -> Any:
     return response.json() if response.status_code == 200 else None
 
 
-def _walk_the_path(base: str, outbox: Path, group: Processes) -> None:
+def _walk_the_path(base: str, outbox: Path, group: Group) -> None:
     """Webhook in, three touches out through the worker in order, an outcome ends the rest."""
-    _wait_for(lambda: _get(f"{base}/healthz"), "the API to answer", group)
+    wait_for(lambda: _get(f"{base}/healthz"), "the API to answer", group, PATIENCE)
     response = httpx.post(f"{base}/webhooks/generic", json=deal_event(), timeout=10)
     assert response.status_code == 202, response.text
     [enrollment_id] = response.json()["enrolled"]
@@ -151,7 +110,7 @@ def _walk_the_path(base: str, outbox: Path, group: Processes) -> None:
             return timeline
         return None
 
-    timeline = _wait_for(three_sent, "three touches sent", group)
+    timeline = wait_for(three_sent, "three touches sent", group, PATIENCE)
     touches = timeline["touches"]
     assert [t["reason"] for t in touches[:3]] == [
         "The proposal recap.",
