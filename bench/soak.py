@@ -144,6 +144,8 @@ def main() -> None:
                     failures.append(f"{name}: {exc}")
                     continue
                 rows.append(_row(run))
+                # Each drill's row as it ends too: the whole soak takes a quarter of an hour or more.
+                print(f"{name}: {' | '.join(rows[-1])}", file=sys.stderr, flush=True)
                 reasons = run.census.failed()
                 if reasons:
                     print(f"{name}: failed touches by reason: {dict(reasons)}", file=sys.stderr)
