@@ -65,6 +65,24 @@ DELIVERED = " (delivered)"
 _UNSETTLED = (TouchStatus.planned, TouchStatus.queued, TouchStatus.sending)
 
 
+#: Templates named `<channel>/hello` that every test cadence run in processes can use.
+HELLO_TEMPLATES = [
+    ("email", "hello.txt", "Subject: Hello {{ contact.first_name }}\n\n{{ reason }}\n"),
+    ("email", "hello.html", "<p>{{ reason }}</p>\n"),
+    ("call", "hello.md", "Call {{ contact.name }}: {{ reason }}\n"),
+    ("sms", "hello.txt", "{{ reason }}\n"),
+]
+
+
+def write_open_policy_and_templates(rules: Path, templates: Path) -> None:
+    """A policy with the caps and quiet hours lifted, so touches are due at once whatever the hour, and
+    the `<channel>/hello` templates."""
+    (rules / "policy.yaml").write_text("caps: {per_day: null, per_week: null}\nquiet_hours: {}\n")
+    for channel, name, text in HELLO_TEMPLATES:
+        (templates / channel).mkdir(parents=True, exist_ok=True)
+        (templates / channel / name).write_text(text)
+
+
 def write_rules(folder: Path, steps: int) -> dict[str, str]:
     """A cadence of `steps` touches on the day of enrollment, email and SMS in turn, with the caps and quiet
     hours lifted so every touch is due at once; returns the environment that points Cadence at it."""
@@ -87,14 +105,7 @@ def write_rules(folder: Path, steps: int) -> dict[str, str]:
             f"    reason: Touch {step + 1} of {steps}.",
         ]
     (rules / "burst.yaml").write_text("\n".join(lines) + "\n")
-    (rules / "policy.yaml").write_text("caps: {per_day: null, per_week: null}\nquiet_hours: {}\n")
-    for channel, name, text in [
-        ("email", "hello.txt", "Subject: Hello {{ contact.first_name }}\n\n{{ reason }}\n"),
-        ("email", "hello.html", "<p>{{ reason }}</p>\n"),
-        ("sms", "hello.txt", "{{ reason }}\n"),
-    ]:
-        (templates / channel).mkdir(parents=True, exist_ok=True)
-        (templates / channel / name).write_text(text)
+    write_open_policy_and_templates(rules, templates)
     return {
         "RULES_DIR": str(rules),
         "TEMPLATES_DIR": str(templates),

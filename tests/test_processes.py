@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 from harness import deal_event
-from processes import Group, wait_for
+from processes import Group, wait_for, write_open_policy_and_templates
 from servers import free_port
 
 #: Seconds to wait for the processes to carry a touch through.
@@ -56,15 +56,7 @@ def quick_rules(tmp_path: Path) -> dict[str, str]:
     rules.mkdir()
     (rules / "quick.yaml").write_text(QUICK)
     # Three touches at once, whatever the hour: the policy's daily cap and quiet hours are lifted.
-    (rules / "policy.yaml").write_text("caps: {per_day: null, per_week: null}\nquiet_hours: {}\n")
-    for channel, name, text in [
-        ("email", "hello.txt", "Subject: Hello {{ contact.first_name }}\n\n{{ reason }}\n"),
-        ("email", "hello.html", "<p>{{ reason }}</p>\n"),
-        ("call", "hello.md", "Call {{ contact.name }}: {{ reason }}\n"),
-        ("sms", "hello.txt", "{{ reason }}\n"),
-    ]:
-        (templates / channel).mkdir(parents=True, exist_ok=True)
-        (templates / channel / name).write_text(text)
+    write_open_policy_and_templates(rules, templates)
     return {
         "RULES_DIR": str(rules),
         "TEMPLATES_DIR": str(templates),
