@@ -233,7 +233,7 @@ class _GroupCommit:
             with self.db.begin() as connection:
                 for waiting in group:
                     values = waiting.row.model_dump(exclude={"id"})
-                    waiting.row_id = connection.execute(self._insert, values).scalar_one_or_none()
+                    waiting.row_id = connection.execute(self.insert, values).scalar_one_or_none()
         except BaseException as exc:  # nothing of the group was stored: each request answers with the error
             for waiting in group:
                 waiting.error, waiting.row_id = exc, None
@@ -251,7 +251,7 @@ class _GroupCommit:
             waiting.stored.set()
 
     @functools.cached_property
-    def _insert(self) -> sa.Insert:
+    def insert(self) -> sa.Insert:
         """Insert a row; in place of a rejected or failed one with its id; nothing over any other. Made
         once: the values come as parameters."""
         table = InboundEvent.__table__  # type: ignore[attr-defined]
@@ -369,27 +369,13 @@ class Inbox:
         self.metrics.webhooks.labels(source, "rejected").inc()
         return Intake(reading.event_id, rejection=reading.rejection)
 
-    @staticmethod
-    def _take(s: Session, delivery: InboundEvent) -> InboundEvent:
-        """The delivery's row, new or in place of a rejected or failed one; _AlreadyStored when it has one
-        already (a duplicate, or another process storing it at this moment)."""
-        row = s.exec(
-            select(InboundEvent)
-            .where(InboundEvent.source == delivery.source, InboundEvent.event_id == delivery.event_id)
-            .with_for_update()
-        ).first()
-        if row is None:
-            s.add(delivery)
-            try:
-                s.flush()
-            except sa.exc.IntegrityError:  # a concurrent transaction inserted it first
-                raise _AlreadyStored from None
-            return delivery
-        if row.status not in ("rejected", "failed"):
+    def _take(self, s: Session, delivery: InboundEvent) -> InboundEvent:
+        """The delivery's row, new or in place of a rejected or failed one (the same statement a burst's
+        group uses); _AlreadyStored when it has one already (a duplicate, or another process storing it)."""
+        row_id = s.execute(self._group.insert, delivery.model_dump(exclude={"id"})).scalar_one_or_none()
+        if row_id is None:
             raise _AlreadyStored
-        row.body, row.type, row.received_at = delivery.body, delivery.type, delivery.received_at
-        row.status, row.error, row.processed_at = delivery.status, delivery.error, delivery.processed_at
-        return row
+        return s.get_one(InboundEvent, row_id)
 
     def _keep_failed(self, delivery: InboundEvent) -> None:
         """Store a delivery the engine failed on, unless another process stored it meanwhile."""
