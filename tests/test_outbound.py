@@ -91,7 +91,7 @@ def test_a_sent_touch_and_an_outcome_are_posted_signed_once_each(tmp_path: Path,
 def test_a_receiver_that_fails_gets_the_activity_later_and_nothing_is_lost(
     tmp_path: Path, receiver: Receiver
 ) -> None:
-    receiver.failing = 2
+    receiver.failing = 1_000
     h = _harness(tmp_path, receiver.url)
     try:
         h.post("/webhooks/generic", deal_event())
@@ -100,17 +100,21 @@ def test_a_receiver_that_fails_gets_the_activity_later_and_nothing_is_lost(
         assert receiver.posts == []
         with store.session(h.service.db) as s:
             [row] = s.exec(select(Activity)).all()
-            assert (row.posted_at, row.attempts) == (None, 1)
+            # Tried once or twice: a tick may find the touch already sent by the worker threads.
+            tried = row.attempts
+            assert row.posted_at is None and tried in (1, 2)
             assert row.last_error is not None and "503" in row.last_error
+        receiver.failing = 1
         h.service.scheduler.tick()  # the pause after a failure has not passed: not tried again yet
         assert receiver.failing == 1
         for _ in range(2):
             h.clock.set(h.clock() + timedelta(minutes=5))
             h.service.scheduler.tick()
+        assert receiver.failing == 0
         assert [p["type"] for p, _, _ in receiver.posts] == ["touch.sent"]
         with store.session(h.service.db) as s:
             [row] = s.exec(select(Activity)).all()
-            assert row.posted_at is not None and row.attempts == 3
+            assert row.posted_at is not None and row.attempts == tried + 2
     finally:
         h.stop()
 
