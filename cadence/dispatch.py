@@ -16,14 +16,24 @@ from zoneinfo import ZoneInfo
 
 import jinja2
 import sqlalchemy as sa
-from sqlmodel import Session, col, select, update
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlmodel import Session, col, select
 
 from cadence import outbound, sandbox, store, timing
 from cadence.clock import Clock
 from cadence.engine import Engine, touch_view
 from cadence.language import Calendar, Touchpoint
 from cadence.metrics import Metrics
-from cadence.models import CadenceVersion, Contact, Deal, Enrollment, EnrollmentStatus, Touch, TouchStatus
+from cadence.models import (
+    Block,
+    CadenceVersion,
+    Contact,
+    Deal,
+    Enrollment,
+    EnrollmentStatus,
+    Touch,
+    TouchStatus,
+)
 from cadence.policy import Caps
 from channels import Channel, DeliveryError, Message, RateLimited, Receipt, TransientError
 
@@ -46,27 +56,65 @@ class _Loaded(NamedTuple):
     contact: Contact
     deal: Deal | None
     version: CadenceVersion
+    #: Whether the contact has a block not lifted (it may have run out): only then are blocks looked at.
+    may_be_blocked: bool
 
 
-def _load(s: Session, touch_id: int, *, lock_contact: bool = False) -> _Loaded:
-    """The touch, its enrollment, contact, deal and cadence version, in one query.
-
-    `lock_contact` holds the contact's row until the transaction ends (PostgreSQL; SQLite has one writer).
-    """
-    query = (
-        select(Touch, Enrollment, Contact, Deal, CadenceVersion)  # type: ignore[call-overload]  # typed up to 4
+def _load_statement() -> Any:
+    """The touch with its rows, by the parameter `touch_id`; see `_load`."""
+    open_block = (
+        sa.exists()
+        .where(col(Block.contact_id) == col(Contact.id), col(Block.lifted_at).is_(None))
+        .label("may_be_blocked")
+    )
+    return (
+        select(Touch, Enrollment, Contact, Deal, CadenceVersion, open_block)  # type: ignore[call-overload]
         .join(Enrollment, col(Enrollment.id) == col(Touch.enrollment_id))
         .join(Contact, col(Contact.id) == col(Enrollment.contact_id))
         .join(CadenceVersion, col(CadenceVersion.id) == col(Enrollment.cadence_version_id))
         .outerjoin(Deal, col(Deal.id) == col(Enrollment.deal_id))
-        .where(col(Touch.id) == touch_id)
+        .where(col(Touch.id) == sa.bindparam("touch_id"))
     )
-    if lock_contact:
-        query = query.with_for_update(of=Contact)
-    row = s.exec(query).first()
+
+
+#: Made once, as building a statement costs about as much as running it: without a lock, and holding the
+#: contact's row.
+_LOAD = _load_statement()
+_LOAD_LOCKING_CONTACT = _LOAD.with_for_update(of=Contact)
+
+
+def _load(s: Session, touch_id: int, *, lock_contact: bool = False) -> _Loaded:
+    """The touch, its enrollment, contact, deal and cadence version, and whether the contact may be
+    blocked, in one query.
+
+    `lock_contact` holds the contact's row until the transaction ends (PostgreSQL; SQLite has one writer).
+    """
+    query = _LOAD_LOCKING_CONTACT if lock_contact else _LOAD
+    row = s.exec(query, params={"touch_id": touch_id}).first()
     if row is None:
         s.get_one(Touch, touch_id)  # raises, naming the touch
     return _Loaded(*row)
+
+
+#: Queued to sending, by whoever updates it first; the others find it no longer queued. Made once.
+_CLAIM = (
+    sa.update(Touch)
+    .where(col(Touch.id) == sa.bindparam("touch_id"), col(Touch.status) == sa.bindparam("queued"))
+    .values(status=TouchStatus.sending, sending_at=sa.bindparam("sending_at"), attempts=Touch.attempts + 1)
+)
+
+
+#: When the contact's other touches since `since` were let go by their send-time checks (caps count them).
+_CLEARED_FOR_CONTACT = (
+    select(Touch.cleared_at)
+    .join(Enrollment, col(Enrollment.id) == col(Touch.enrollment_id))
+    .where(
+        Enrollment.contact_id == sa.bindparam("contact_id"),
+        col(Touch.status).in_([TouchStatus.sending, TouchStatus.sent]),
+        col(Touch.cleared_at) >= sa.bindparam("since"),
+        col(Touch.id) != sa.bindparam("touch_id"),
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -96,13 +144,12 @@ class Dispatcher:
         self.metrics = metrics
 
     def dispatch(self, touch_id: int) -> Result:
-        if not self._claim(touch_id):
-            return Result(touch_id, "ignored", "not queued: already sent, being sent, or cancelled")
         try:
             with store.session(self.db) as s:
                 outcome, message = self._prepare(s, touch_id)
         except Exception as exc:
-            # Nothing was sent: give the touch back for the broker's retry, within the attempt cap.
+            # Nothing was sent, and the claim went with the rest of the transaction: count the attempt and
+            # give the touch back for the broker's retry, within the attempt cap.
             self._give_back(touch_id, f"error before sending: {exc!r}")
             raise
         if message is None:
@@ -124,20 +171,28 @@ class Dispatcher:
         )
         return Result(touch_id, TouchStatus.sent)
 
-    def _claim(self, touch_id: int) -> bool:
+    def _claim(self, s: Session, touch: Touch) -> bool:
+        """Take the touch from queued to sending; False if it is not queued (already sent, being sent, or
+        cancelled). The update's condition decides between two workers holding the same message: the second
+        waits for the first's transaction and then finds the touch no longer queued."""
+        if touch.status != TouchStatus.queued:
+            return False
         now = self.clock()
-        with store.session(self.db) as s:
-            claimed = s.exec(
-                update(Touch)
-                .where(col(Touch.id) == touch_id, col(Touch.status) == TouchStatus.queued)
-                .values(status=TouchStatus.sending, sending_at=now, attempts=Touch.attempts + 1)
-            )
-            return bool(claimed.rowcount)
+        claimed = s.connection().execute(
+            _CLAIM, {"touch_id": touch.id, "queued": TouchStatus.queued, "sending_at": now}
+        )
+        if not claimed.rowcount:
+            return False
+        set_committed_value(touch, "status", TouchStatus.sending)
+        set_committed_value(touch, "sending_at", now)
+        set_committed_value(touch, "attempts", touch.attempts + 1)
+        return True
 
     def _give_back(self, touch_id: int, why: str) -> None:
         with store.session(self.db) as s:
             touch = s.get_one(Touch, touch_id)
-            if touch.status == TouchStatus.sending:
+            if touch.status == TouchStatus.queued:  # no other worker took it meanwhile
+                touch.attempts += 1
                 self.retry_or_fail(s, touch, why)
 
     def retry_or_fail(self, s: Session, touch: Touch, why: str) -> bool:
@@ -180,6 +235,8 @@ class Dispatcher:
         # With caps, one decision at a time per contact, so two workers cannot both take the last place.
         loaded = _load(s, touch_id, lock_contact=bool(caps.per_day or caps.per_week))
         touch, enrollment = loaded.touch, loaded.enrollment
+        if not self._claim(s, touch):
+            return Result(touch_id, "ignored", "not queued: already sent, being sent, or cancelled"), None
         if enrollment.status == EnrollmentStatus.paused:
             # Paused while this touch was on its way: it waits with the others until the enrollment resumes.
             touch.status, touch.queued_at, touch.status_reason = TouchStatus.held, None, "enrollment paused"
@@ -213,7 +270,7 @@ class Dispatcher:
         skipped = sandbox.skip_reason(point.when, point.skip_when, context)
         if skipped:
             return self.finish(s, touch, TouchStatus.skipped, skipped), None
-        unreachable = self._route(s, point, touch, context, now)
+        unreachable = self._route(s, point, touch, context, now, loaded.may_be_blocked)
         if unreachable:
             return self.finish(s, touch, TouchStatus.skipped, unreachable), None
         if (
@@ -256,10 +313,12 @@ class Dispatcher:
         touch.cleared_at = now
         return Result(touch_id, TouchStatus.sending), message
 
-    def _unusable(self, s: Session, channel: str, context: Mapping[str, Any], now: datetime) -> str | None:
+    def _unusable(
+        self, s: Session, channel: str, context: Mapping[str, Any], now: datetime, may_be_blocked: bool
+    ) -> str | None:
         """Why the contact cannot be reached on `channel` now: a block, a missing address, no consent."""
         contact = context["contact"]
-        blocked = self.engine.blocked(s, contact["id"], channel, now)
+        blocked = self.engine.blocked(s, contact["id"], channel, now) if may_be_blocked else None
         if blocked:
             return blocked
         missing = self.channels[channel].missing(contact)
@@ -271,15 +330,21 @@ class Dispatcher:
         return None
 
     def _route(
-        self, s: Session, point: Touchpoint, touch: Touch, context: Mapping[str, Any], now: datetime
+        self,
+        s: Session,
+        point: Touchpoint,
+        touch: Touch,
+        context: Mapping[str, Any],
+        now: datetime,
+        may_be_blocked: bool,
     ) -> str | None:
         """Settle the touch's channel and template at send time; why it cannot go out at all, or None."""
         if not point.choose:
-            return self._unusable(s, touch.channel, context, now)
+            return self._unusable(s, touch.channel, context, now, may_be_blocked)
         reasons: list[str] = []
 
         def usable(channel: str) -> str | None:
-            why = self._unusable(s, channel, context, now)
+            why = self._unusable(s, channel, context, now, may_be_blocked)
             if why:
                 reasons.append(f"{channel}: {why}")
             return why
@@ -347,14 +412,8 @@ class Dispatcher:
         cleared = sorted(
             at
             for at in s.exec(
-                select(Touch.cleared_at)
-                .join(Enrollment, col(Enrollment.id) == col(Touch.enrollment_id))
-                .where(
-                    Enrollment.contact_id == contact_id,
-                    col(Touch.status).in_([TouchStatus.sending, TouchStatus.sent]),
-                    col(Touch.cleared_at) >= since,
-                    col(Touch.id) != touch.id,
-                )
+                _CLEARED_FOR_CONTACT,
+                params={"contact_id": contact_id, "since": since, "touch_id": touch.id},
             ).all()
             if at is not None
         )
