@@ -9,11 +9,12 @@ from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 import sqlalchemy as sa
-from dramatiq import Worker
+from dramatiq import Message, Middleware, Worker
 from harness import MONDAY, Harness, deal_event, make_settings, start_harness
 from sqlmodel import col, update
 
@@ -358,6 +359,39 @@ def test_a_batch_sent_to_redis_is_the_messages_actor_sends_and_workers_run_them(
             worker.stop()
         assert sorted(received) == [1, 2, 3, 4]
     finally:
+        client.close()
+        broker.close()
+
+
+class _Seen(Middleware):
+    """Middleware that looks at each message enqueued, as a tracing or metrics middleware would."""
+
+    def __init__(self) -> None:
+        self.before: list[Message[Any]] = []
+        self.after: list[Message[Any]] = []
+
+    def before_enqueue(self, broker: Any, message: Message[Any], delay: Any) -> None:
+        self.before.append(message)
+
+    def after_enqueue(self, broker: Any, message: Message[Any], delay: Any) -> None:
+        self.after.append(message)
+
+
+def test_middleware_that_looks_at_enqueued_messages_sees_each_of_a_batch(redis_url: str) -> None:
+    broker = brokers.create_broker(redis_url)
+    seen = _Seen()
+    broker.add_middleware(seen)
+    actor = brokers.declare_dispatch(broker, lambda _: None)
+    client = redis.Redis.from_url(redis_url)
+    queue = f"dramatiq:{brokers.QUEUE}"
+    try:
+        client.delete(queue, f"{queue}.msgs")
+        brokers.send_all(actor, [5, 6], time_limit=5_000)
+        assert [m.args for m in seen.before] == [(5,), (6,)] == [m.args for m in seen.after]
+        stored = [raw.decode() for raw in client.lrange(queue, 0, -1)]
+        assert [m.options["redis_message_id"] for m in seen.before] == stored
+    finally:
+        client.delete(queue, f"{queue}.msgs")
         client.close()
         broker.close()
 
