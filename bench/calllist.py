@@ -40,6 +40,7 @@ import sqlalchemy as sa
 from scheduler import NOW, ROOT, Row, bulk_insert, finish_load, load_people, servers, stamp
 
 from cadence import store
+from channels.call import script_html
 
 #: Managers (deal owners) the deals are spread over, unless --managers says otherwise.
 MANAGERS = 50
@@ -66,6 +67,8 @@ SCRIPT = (
     "2. Offer two times for a 30-minute walkthrough.\n"
     "3. Note any open question on pricing or timing.\n"
 )
+#: The script as the call channel keeps it with each task it makes.
+SCRIPT_HTML = script_html(SCRIPT)
 REASON = "Confirm the proposal arrived; book a walkthrough."
 
 
@@ -111,7 +114,7 @@ class Call:
         e, at = self.enrollment, self.ts(self.when)
         outcome = None if self.status == "open" else "connected"
         who = (e, e, f"Contact {e}", f"+7900{e:07d}")
-        what = (REASON, SCRIPT, e % 97, self.status, outcome)
+        what = (REASON, SCRIPT, SCRIPT_HTML, e % 97, self.status, outcome)
         return (self.id, self.id, self.owner, self.day, at, *who, *what, at)
 
     def outcome(self) -> Row:
@@ -138,7 +141,7 @@ def load(db: sa.Engine, touches: int, managers: int) -> None:
         db,
         "call_task",
         ("id", "touch_id", "owner", "due_date", "due_at", "contact_id", "deal_id", "contact_name", "phone",
-         "reason", "script", "priority", "status", "outcome", "created_at"),
+         "reason", "script", "script_html", "priority", "status", "outcome", "created_at"),
         (c.task() for c in calls()),
     )  # fmt: skip
     bulk_insert(

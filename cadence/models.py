@@ -201,6 +201,10 @@ class CallTask(SQLModel, table=True):
     phone: str | None = None
     reason: str
     script: str
+    script_html: str | None = Field(
+        default=None,
+        description="the script as HTML, made with the task (None: made before, shown converted)",
+    )
     priority: float = Field(default=0, index=True, description="the policy's call_priority when created")
     status: str = Field(default="open", max_length=16)
     outcome: str | None = None

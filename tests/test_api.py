@@ -16,7 +16,8 @@ from starlette.testclient import TestClient
 
 from cadence import store
 from cadence.api import SIGNATURE_HEADER, sign
-from cadence.models import Contact, Deal, Enrollment, InboundEvent, Outcome, Touch, TouchStatus
+from cadence.models import CallTask, Contact, Deal, Enrollment, InboundEvent, Outcome, Touch, TouchStatus
+from channels.call import script_html
 
 SECRET = "s3cret-for-tests"
 
@@ -543,6 +544,23 @@ def test_call_task_carries_the_script_as_html_the_deal_and_the_history_before_it
     ]
     assert history[0]["note"] == "asked to call back"
     assert history[1]["reason"] == email.reason and history[1]["status"] == "sent"
+
+
+def test_a_call_tasks_script_is_made_html_once_when_the_task_is_made(api: Harness) -> None:
+    _enroll(api)
+    api.run_days(2)
+    with store.session(api.service.db) as s:
+        task = s.exec(select(CallTask)).one()
+        assert task.script_html == script_html(task.script)
+        # The list shows what the task keeps: it does not convert the script again on each view.
+        task.script_html = "<p>kept with the task</p>"
+    [shown] = api.client.get("/call-tasks", params={"owner": "ivan", "date": "2026-11-25"}).json()["tasks"]
+    assert shown["script_html"] == "<p>kept with the task</p>"
+    # A task made before tasks kept their HTML is converted when shown.
+    with store.session(api.service.db) as s:
+        s.exec(select(CallTask)).one().script_html = None
+    [shown] = api.client.get("/call-tasks", params={"owner": "ivan", "date": "2026-11-25"}).json()["tasks"]
+    assert shown["script_html"].startswith("<h1>Call: proposal walkthrough - Anna Petrova")
 
 
 def test_markup_from_the_crm_is_shown_as_text_in_the_script(api: Harness) -> None:
