@@ -41,7 +41,7 @@ from cadence.crm import Delivery
 from cadence.engine import EngineError
 from cadence.errors import Problem, RulesError
 from cadence.events import ContactData, DealData
-from cadence.inbox import Rejection, read_model
+from cadence.inbox import Intake, Rejection, read_model
 from cadence.language import OutcomeName, parse
 from cadence.lint import report as lint_report
 from cadence.models import Block, CallTask, Contact, Deal, Enrollment, Outcome, Touch
@@ -803,10 +803,9 @@ def create_app(service: Service, background: bool = True) -> Starlette:
         if problem:
             service.metrics.webhooks.labels(source, "unauthorised").inc()
             return error(401, "bad_signature", problem, adapter.credential)
-        return await run_in_threadpool(_receive, source, body)
+        return _answer(await service.inbox.receive_async(source, body))
 
-    def _receive(source: str, body: bytes) -> Response:
-        intake = service.inbox.receive(source, body)
+    def _answer(intake: Intake) -> Response:
         if intake.rejection is not None:
             return rejected(intake.rejection)
         effects = intake.effects
