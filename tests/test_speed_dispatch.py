@@ -65,6 +65,31 @@ def test_a_send_reads_the_touch_and_what_it_needs_in_one_query(harness: Harness)
     assert sum(s.startswith("SELECT touch.id") and "JOIN cadence_version" in s for s in seen) == 2
 
 
+def test_a_send_takes_two_transactions_and_no_savepoint(harness: Harness) -> None:
+    """The claim is the late checks' first write, and the next touch is inserted without a savepoint; a
+    contact without blocks is not looked up in them."""
+    harness.post("/webhooks/generic", deal_event())
+    touch_id = _queue_next(harness)
+    commits: list[int] = []
+
+    def count(_connection: Any) -> None:
+        commits.append(1)
+
+    sa.event.listen(harness.service.db, "commit", count)
+    try:
+        with statements(harness) as seen:
+            assert harness.service.dispatcher.dispatch(touch_id).status == TouchStatus.sent
+    finally:
+        sa.event.remove(harness.service.db, "commit", count)
+    assert len(commits) == 2  # claim with the late checks; the record with the next touch planned
+    assert not [s for s in seen if "SAVEPOINT" in s]
+    assert not [s for s in seen if s.startswith("SELECT block.")]
+    # The claim comes before the late checks' reads of what may stop the touch (the caps' count).
+    [claim] = [n for n, s in enumerate(seen) if s.startswith("UPDATE touch SET") and "touch.status = ?" in s]
+    [caps] = [n for n, s in enumerate(seen) if s.startswith("SELECT touch.cleared_at")]
+    assert claim < caps
+
+
 def test_a_change_between_two_sends_is_seen_by_the_second(harness: Harness) -> None:
     harness.post("/webhooks/generic", deal_event())
     first = _queue_next(harness)
