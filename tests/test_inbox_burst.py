@@ -10,7 +10,6 @@ import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -18,7 +17,7 @@ from harness import Harness, deal_event, make_settings, start_harness
 from sqlmodel import func, select
 
 from cadence import store
-from cadence.inbox import BURST_QUIET_SECONDS, Inbox
+from cadence.inbox import BURST_QUIET_SECONDS, Inbox, Intake
 from cadence.models import Enrollment, InboundEvent
 
 #: Deliveries in one burst.
@@ -113,19 +112,15 @@ def _lined_up(inbox: Inbox) -> bool:
     return inbox._arriving == BURST and not group._pending and group._flusher is not None
 
 
-def test_a_burst_on_the_event_loop_waits_there_and_is_stored_in_a_few_commits(harness: Harness) -> None:
-    """The API's path: requests on one event loop; one thread writes each group, none waits per request."""
+def _burst_on_the_loop(harness: Harness, bodies: list[bytes]) -> list[Intake]:
+    """Receive the bodies at once on one event loop, as the API does, while another writer holds the lock
+    until they have all lined up; their answers in order."""
     inbox = harness.service.inbox
-    handed: list[int] = []
-    inbox.hand_off = handed.extend
-    commits: list[int] = []
-    sa.event.listen(harness.service.db, "commit", lambda _connection: commits.append(1))
     blocker = _hold_write_lock(harness)
-    answers: list[Any] = []
+    answers: list[Intake] = []
 
     async def burst() -> None:
-        calls = [inbox.receive_async("generic", _body(n)) for n in range(BURST)]
-        answers.extend(await asyncio.gather(*calls))
+        answers.extend(await asyncio.gather(*[inbox.receive_async("generic", body) for body in bodies]))
 
     loop = threading.Thread(target=asyncio.run, args=(burst(),))
     loop.start()
@@ -135,7 +130,18 @@ def test_a_burst_on_the_event_loop_waits_there_and_is_stored_in_a_few_commits(ha
     blocker.rollback()
     blocker.close()
     loop.join(WAIT)
-    assert len(answers) == BURST
+    assert len(answers) == len(bodies)
+    return answers
+
+
+def test_a_burst_on_the_event_loop_waits_there_and_is_stored_in_a_few_commits(harness: Harness) -> None:
+    """The API's path: requests on one event loop; one thread writes each group, none waits per request."""
+    inbox = harness.service.inbox
+    handed: list[int] = []
+    inbox.hand_off = handed.extend
+    commits: list[int] = []
+    sa.event.listen(harness.service.db, "commit", lambda _connection: commits.append(1))
+    answers = _burst_on_the_loop(harness, [_body(n) for n in range(BURST)])
     queued = [a.queued for a in answers if a.queued is not None]
     acted = [a for a in answers if a.queued is None]
     assert len(acted) == 1 and len(acted[0].effects.enrolled) == 1
@@ -151,20 +157,7 @@ def test_the_same_delivery_in_a_burst_on_the_event_loop_is_stored_once(harness: 
     inbox = harness.service.inbox
     handed: list[int] = []
     inbox.hand_off = handed.extend
-    blocker = _hold_write_lock(harness)
-    answers: list[Any] = []
-
-    async def burst() -> None:
-        answers.extend(
-            await asyncio.gather(*[inbox.receive_async("generic", _body(7)) for _ in range(BURST)])
-        )
-
-    loop = threading.Thread(target=asyncio.run, args=(burst(),))
-    loop.start()
-    _wait_for(lambda: _lined_up(inbox), "the burst to line up")
-    blocker.rollback()
-    blocker.close()
-    loop.join(WAIT)
+    answers = _burst_on_the_loop(harness, [_body(7)] * BURST)
     assert len([a for a in answers if a.duplicate]) == BURST - 1
     assert len(_rows(harness)) == 1
     for row_id in handed:
