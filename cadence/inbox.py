@@ -250,7 +250,12 @@ class _GroupCommit:
     async def store_async(self, row: Row) -> int | None:
         """As `store`, for a request on the event loop: it waits for its group without a thread of its own;
         one thread writes each group."""
-        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if self._flusher is not None and (self._flusher.done() or self._flusher.get_loop() is not loop):
+            # A loop stopped in the middle of a burst: its requests were never answered, so the CRM sends
+            # them again; what they left behind is dropped rather than waited for.
+            self._flusher, self._pending = None, []
+        future: asyncio.Future[int | None] = loop.create_future()
         self._pending.append((row, future))
         if self._flusher is None:
             self._flusher = asyncio.ensure_future(self._flush())
