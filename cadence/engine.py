@@ -17,11 +17,10 @@ from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import make_transient_to_detached
 from sqlmodel import Session, SQLModel, col, select
 
-from cadence import outbound, sandbox, timing
+from cadence import outbound, sandbox, store, timing
 from cadence.events import ContactData, DealData, Event
 from cadence.language import CadenceSpec, Calendar, Option, Parsed, Touchpoint, Variant, parse
 from cadence.models import (
@@ -152,12 +151,10 @@ def _insert_unless_taken(s: Session, row: SQLModel) -> bool:
 
 @cache
 def _insert_statement(dialect_name: str, table: sa.Table) -> sa.Insert:
-    """INSERT of every column but the id, ON CONFLICT DO NOTHING, RETURNING the id: made once per table, the
-    values come as parameters."""
-    dialect: Any = postgresql if dialect_name == "postgresql" else sqlite
-    columns = [column.name for column in table.columns if column.name != "id"]
-    statement = dialect.insert(table).values({name: sa.bindparam(name) for name in columns})
-    return statement.on_conflict_do_nothing().returning(table.c.id)  # type: ignore[no-any-return]
+    """INSERT ... ON CONFLICT DO NOTHING, RETURNING the id: made once per table, the values come as
+    parameters."""
+    statement: sa.Insert = store.insert(dialect_name, table).on_conflict_do_nothing().returning(table.c.id)
+    return statement
 
 
 def _apply(

@@ -26,7 +26,6 @@ from typing import Any, TypeVar
 import anyio.to_thread
 import sqlalchemy as sa
 from pydantic import BaseModel, ValidationError
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from cadence import store
@@ -302,8 +301,7 @@ class _GroupCommit:
         """Insert a row; in place of a rejected or failed one with its id; nothing over any other. Made
         once: the values come as parameters."""
         table = InboundEvent.__table__  # type: ignore[attr-defined]
-        dialect: Any = postgresql if self.db.dialect.name == "postgresql" else sqlite
-        insert = dialect.insert(table)
+        insert = store.insert(self.db.dialect.name, table)
         return insert.on_conflict_do_update(  # type: ignore[no-any-return]
             index_elements=["source", "event_id"],
             set_={name: insert.excluded[name] for name in _REPLACED},
@@ -367,7 +365,6 @@ class Inbox:
         with self._arrival() as alone:
             if alone or self.hand_off is None:
                 return await anyio.to_thread.run_sync(self._act_now, source, body, reading, now)
-            self._last_queued = time.monotonic()
             row_id = await self._group.store_async(_row(source, body, reading, now))
             return self._queued(source, reading, row_id)
 
@@ -376,8 +373,10 @@ class Inbox:
         """Count the deliveries being received; yields whether this one is the only one, and no burst is
         under way."""
         with self._arriving_lock:
-            quiet = time.monotonic() - self._last_queued > BURST_QUIET_SECONDS
-            alone = self._arriving == 0 and quiet
+            now = time.monotonic()
+            alone = self._arriving == 0 and now - self._last_queued > BURST_QUIET_SECONDS
+            if not alone:  # stored for a worker, with the others arriving now
+                self._last_queued = now
             self._arriving += 1
         try:
             yield alone
@@ -387,7 +386,6 @@ class Inbox:
 
     def _queue(self, source: str, body: bytes, reading: Reading, now: datetime) -> Intake:
         """Store the delivery with the others arriving now; the group goes to the workers together."""
-        self._last_queued = time.monotonic()
         return self._queued(source, reading, self._group.store(_row(source, body, reading, now)))
 
     def _queued(self, source: str, reading: Reading, row_id: int | None) -> Intake:

@@ -10,6 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
 from cadence import models  # noqa: F401  (registers the tables on SQLModel.metadata)
@@ -31,6 +32,13 @@ def create_engine(url: str) -> sa.Engine:
         sa.event.listen(engine, "begin", _sqlite_begin)
         return engine
     return sa.create_engine(url, pool_pre_ping=True)
+
+
+def insert(dialect_name: str, table: sa.Table) -> Any:
+    """INSERT into `table` as the database's dialect builds it, so it takes ON CONFLICT clauses (both
+    PostgreSQL and SQLite have them); executed with a row's values as parameters."""
+    dialect: Any = postgresql if dialect_name == "postgresql" else sqlite
+    return dialect.insert(table)
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
