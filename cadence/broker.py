@@ -1,4 +1,4 @@
-"""The broker and the one actor: Redis when REDIS_URL is set, else Dramatiq's in-process stub broker."""
+"""The broker and its actors: Redis when REDIS_URL is set, else Dramatiq's in-process stub broker."""
 
 from __future__ import annotations
 
@@ -34,12 +34,12 @@ def create_broker(redis_url: str | None) -> dramatiq.Broker:
 
 
 def _declare(
-    broker: dramatiq.Broker, name: str, queue: str, fn: Callable[[int], Any]
+    broker: dramatiq.Broker, name: str, queue: str, fn: Callable[[Any], Any]
 ) -> dramatiq.Actor[Any, Any]:
-    """An actor whose message carries only a row's id; the database has the rest."""
+    """An actor whose message carries only a row's id, or a list of them; the database has the rest."""
 
-    def act(row_id: int) -> None:
-        fn(row_id)
+    def act(row_ids: Any) -> None:
+        fn(row_ids)
 
     act.__name__ = act.__qualname__ = name
     declare = dramatiq.actor(
@@ -58,13 +58,25 @@ def declare_dispatch(broker: dramatiq.Broker, dispatch: Callable[[int], Any]) ->
     return _declare(broker, "dispatch_touch", QUEUE, dispatch)
 
 
+def declare_dispatch_many(
+    broker: dramatiq.Broker, dispatch: Callable[[list[int]], Any]
+) -> dramatiq.Actor[Any, Any]:
+    """The actor that sends a batch of touches (a list of their ids) from the scheduler."""
+    return _declare(broker, "dispatch_touches", QUEUE, dispatch)
+
+
+def retry_delay_ms(attempts: int) -> int:
+    """Milliseconds before a touch's next try after `attempts` tries, as the broker's own retries wait."""
+    return int(MIN_BACKOFF_MS * 2 ** max(attempts - 1, 0))
+
+
 def declare_inbox(broker: dramatiq.Broker, act_on: Callable[[int], Any]) -> dramatiq.Actor[Any, Any]:
     """The actor that acts on one stored webhook delivery."""
     return _declare(broker, "act_on_delivery", INBOX_QUEUE, act_on)
 
 
-def send_all(actor: dramatiq.Actor[Any, Any], ids: list[int], **options: Any) -> None:
-    """Queue one message per id (a touch's, or a stored delivery's), the messages
+def send_all(actor: dramatiq.Actor[Any, Any], ids: list[Any], **options: Any) -> None:
+    """Queue one message per id (a touch's, or a stored delivery's) or list of ids, the messages
     `actor.send_with_options(args=(id,), **options)` makes.
     On Redis the batch is written in one round trip, all or nothing, instead of a script call per message."""
     broker = actor.broker
@@ -100,12 +112,12 @@ def _hooks_enqueue(middleware: Middleware) -> bool:
     )
 
 
-def _messages(actor: dramatiq.Actor[Any, Any], ids: list[int], options: dict[str, Any]) -> list[Message[Any]]:
+def _messages(actor: dramatiq.Actor[Any, Any], ids: list[Any], options: dict[str, Any]) -> list[Message[Any]]:
     """The messages, each with its own id in Redis, as RedisBroker.enqueue gives it."""
     return [actor.message_with_options(args=(one,), **options, redis_message_id=str(uuid4())) for one in ids]
 
 
-def _encoded(actor: dramatiq.Actor[Any, Any], ids: list[int], options: dict[str, Any]) -> dict[str, bytes]:
+def _encoded(actor: dramatiq.Actor[Any, Any], ids: list[Any], options: dict[str, Any]) -> dict[str, bytes]:
     """The bodies of `_messages` by their Redis ids, encoded straight from one message's fields: no middleware
     looks at them, and a Message object apiece costs more than the rest of a claim."""
     shape = actor.message_with_options(args=(), **options).asdict()

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
@@ -45,6 +45,10 @@ MAX_ATTEMPTS = 5
 RECORD_ATTEMPTS = 5
 #: Seconds between those tries, times the try's number.
 RECORD_BACKOFF_SECONDS = 0.5
+#: Touches one worker message from the scheduler carries (see `Dispatcher.dispatch_many`).
+BATCH_SIZE = 16
+#: A touch's status in a batch's results when it is sent alone instead (see `Dispatcher.dispatch_many`).
+ALONE = "alone"
 
 
 class _Loaded(NamedTuple):
@@ -60,8 +64,8 @@ class _Loaded(NamedTuple):
     may_be_blocked: bool
 
 
-def _load_statement() -> Any:
-    """The touch with its rows, by the parameter `touch_id`; see `_load`."""
+def _load_statement(touches: Any) -> Any:
+    """The touches chosen by the condition `touches`, each with its rows; see `_load`."""
     open_block = (
         sa.exists()
         .where(col(Block.contact_id) == col(Contact.id), col(Block.lifted_at).is_(None))
@@ -73,14 +77,16 @@ def _load_statement() -> Any:
         .join(Contact, col(Contact.id) == col(Enrollment.contact_id))
         .join(CadenceVersion, col(CadenceVersion.id) == col(Enrollment.cadence_version_id))
         .outerjoin(Deal, col(Deal.id) == col(Enrollment.deal_id))
-        .where(col(Touch.id) == sa.bindparam("touch_id"))
+        .where(touches)
     )
 
 
 #: Made once, as building a statement costs about as much as running it: without a lock, and holding the
-#: contact's row.
-_LOAD = _load_statement()
+#: contact's row; for one touch, and for several.
+_LOAD = _load_statement(col(Touch.id) == sa.bindparam("touch_id"))
 _LOAD_LOCKING_CONTACT = _LOAD.with_for_update(of=Contact)
+_LOAD_MANY = _load_statement(col(Touch.id).in_(sa.bindparam("touch_ids", expanding=True)))
+_LOAD_MANY_LOCKING_CONTACT = _LOAD_MANY.with_for_update(of=Contact)
 
 
 def _load(s: Session, touch_id: int, *, lock_contact: bool = False) -> _Loaded:
@@ -94,6 +100,13 @@ def _load(s: Session, touch_id: int, *, lock_contact: bool = False) -> _Loaded:
     if row is None:
         s.get_one(Touch, touch_id)  # raises, naming the touch
     return _Loaded(*row)
+
+
+def _load_many(s: Session, touch_ids: Sequence[int], *, lock_contact: bool = False) -> dict[int, _Loaded]:
+    """`_load` for several touches in one query, by id; a touch that does not exist is left out."""
+    query = _LOAD_MANY_LOCKING_CONTACT if lock_contact else _LOAD_MANY
+    rows = s.exec(query, params={"touch_ids": list(touch_ids)}).all()
+    return {row[0].id: _Loaded(*row) for row in rows}
 
 
 #: Queued to sending, by whoever updates it first; the others find it no longer queued. Made once.
@@ -124,6 +137,45 @@ class Result:
     reason: str | None = None
 
 
+class _Failed(NamedTuple):
+    """A send that delivered nothing: the touch's result, and, when it is queued for another try, the error
+    and the attempts it has had."""
+
+    result: Result
+    retry: DeliveryError | None = None
+    attempts: int = 0
+
+
+_NOT_FAILED = _Failed(Result(0, TouchStatus.sent))
+
+#: Claimed touches a batch did not get to send: back to queued, as if never claimed. Made once.
+_HAND_BACK = (
+    sa.update(Touch)
+    .where(col(Touch.id).in_(sa.bindparam("ids", expanding=True)), col(Touch.status) == TouchStatus.sending)
+    .values(
+        status=TouchStatus.queued,
+        queued_at=sa.bindparam("queued_at"),
+        sending_at=None,
+        cleared_at=None,
+        attempts=Touch.attempts - 1,
+    )
+    .returning(col(Touch.id))
+)
+
+
+@dataclass
+class Batch:
+    """What `Dispatcher.dispatch_many` did with its touches."""
+
+    #: Each touch's result, in the order given, but for those below.
+    results: list[Result] = field(default_factory=list)
+    #: Touches to send alone, each in a message of its own: their channel may not repeat a send safely, or
+    #: reaches out over the network, or the batch ran out of time before their turn.
+    alone: list[int] = field(default_factory=list)
+    #: Touches queued again after a transient error, with the attempts each has had, for a delayed retry.
+    retries: list[tuple[int, int]] = field(default_factory=list)
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -134,6 +186,7 @@ class Dispatcher:
         sender: Mapping[str, str],
         clock: Clock,
         metrics: Metrics,
+        batch_seconds: float = 5.0,
     ) -> None:
         self.db = db
         self.engine = engine
@@ -142,6 +195,9 @@ class Dispatcher:
         self.sender = sender
         self.clock = clock
         self.metrics = metrics
+        #: Seconds a batch's sends may run before the touches still waiting are handed back to go alone:
+        #: each was claimed when the batch began, and the lease counts from there.
+        self.batch_seconds = batch_seconds
 
     def dispatch(self, touch_id: int) -> Result:
         try:
@@ -154,22 +210,98 @@ class Dispatcher:
             raise
         if message is None:
             return outcome
+        receipt, failed = self._send(message)
+        if receipt is None:
+            if failed.retry:
+                raise failed.retry  # the broker retries with backoff; the touch is queued for that retry
+            return failed.result
+        self._record_sent(touch_id, receipt)
+        self._sent(message)
+        return Result(touch_id, TouchStatus.sent)
+
+    def dispatch_many(self, touch_ids: Sequence[int]) -> Batch:
+        """Send several touches with one transaction for all their late checks and one for all their
+        records, instead of two each: what a worker does with a batch from the scheduler.
+
+        Only touches whose channel is `batchable` (idempotent, and quick because it stays on this machine)
+        go through the batch; the others are left queued and listed in `alone`, for a message each, as are
+        those whose turn comes after `batch_seconds` of sending. An error in the late checks rolls back
+        every claim and is raised: the caller then gives each touch a message of its own.
+        """
+        batch = Batch()
+        prepared: list[Message] = []
+        with store.session(self.db) as s:
+            rows = _load_many(s, touch_ids, lock_contact=self._locks_contact())
+            for touch_id in touch_ids:
+                outcome, message = self._prepare(s, touch_id, rows.get(touch_id))
+                if outcome.status == ALONE:
+                    batch.alone.append(touch_id)
+                elif message is None:
+                    batch.results.append(outcome)
+                else:
+                    prepared.append(message)
+        # What went out, with its receipt; None for a channel whose delivery is a row of this database,
+        # made in the transaction that records it.
+        sent: list[tuple[Message, Receipt | None]] = []
+        began, started = time.monotonic(), 0  # sends begun
         try:
-            receipt = self.channels[message.channel].send(message)
+            for message in prepared:
+                if time.monotonic() - began > self.batch_seconds:
+                    break
+                started += 1
+                if self.channels[message.channel].in_database:
+                    sent.append((message, None))
+                    continue
+                receipt, failed = self._send(message)
+                if receipt is not None:
+                    sent.append((message, receipt))
+                    continue
+                batch.results.append(failed.result)
+                if failed.retry:
+                    batch.retries.append((message.touch_id, failed.attempts))
+        finally:
+            # Even when interrupted (a time limit), what went out is recorded and what was not begun is
+            # handed back; a send in flight stays `sending` for the sweep, which may repeat it, as every
+            # batchable channel is idempotent.
+            self._record_all(sent, batch)
+            batch.alone.extend(self._hand_back([m.touch_id for m in prepared[started:]]))
+        return batch
+
+    def _send(self, message: Message) -> tuple[Receipt | None, _Failed]:
+        """The channel's receipt, or (None, how the touch was left) when nothing was delivered."""
+        try:
+            return self.channels[message.channel].send(message), _NOT_FAILED
         except RateLimited as exc:
-            return self._rate_limited(touch_id, exc)
+            return None, _Failed(self._rate_limited(message.touch_id, exc))
         except DeliveryError as exc:
-            return self._delivery_failed(touch_id, exc)
+            return None, self._delivery_failed(message.touch_id, exc)
         except Exception as exc:
             # A provider bug or the machine (a full disk): retried like a transient error, within the cap.
-            return self._delivery_failed(touch_id, TransientError(repr(exc)))
-        self._record_sent(touch_id, receipt)
+            return None, self._delivery_failed(message.touch_id, TransientError(repr(exc)))
+
+    def _sent(self, message: Message) -> None:
         late = (self.clock() - message.due_at).total_seconds()
         self.metrics.latency.labels(message.channel).observe(max(late, 0.0))
         log.info(
             "touch sent", extra={"touch": message.key, "channel": message.channel, "reason": message.reason}
         )
-        return Result(touch_id, TouchStatus.sent)
+
+    def _hand_back(self, touch_ids: list[int]) -> list[int]:
+        """Claimed touches a batch did not get to: queued again, the attempt uncounted; those handed back."""
+        if not touch_ids:
+            return []
+        with self.db.begin() as connection:
+            rows = connection.execute(_HAND_BACK, {"ids": touch_ids, "queued_at": self.clock()}).all()
+        return [row[0] or 0 for row in rows]
+
+    def _batchable(self, s: Session, loaded: _Loaded) -> bool:
+        """Whether the touch may go in a batch: every channel it may go out on is batchable."""
+        channel = self.channels.get(loaded.touch.channel)
+        if channel is None or not channel.batchable:
+            return False
+        point = self.engine.spec_of(s, loaded.enrollment).touchpoint(loaded.touch.step_index)
+        options = point.choose if point is not None else ()
+        return all(getattr(self.channels.get(option.channel), "batchable", False) for option in options)
 
     def _claim(self, s: Session, touch: Touch) -> bool:
         """Take the touch from queued to sending; False if it is not queued (already sent, being sent, or
@@ -211,17 +343,7 @@ class Dispatcher:
         for attempt in range(1, RECORD_ATTEMPTS + 1):
             try:
                 with store.session(self.db) as s:
-                    loaded = _load(s, touch_id)
-                    touch = loaded.touch
-                    touch.receipt = {
-                        **touch.receipt,  # a provider's status callback may have come first
-                        **receipt.details,
-                        "provider": receipt.provider,
-                        "reference": receipt.reference,
-                    }
-                    self.finish(s, touch, TouchStatus.sent, None)
-                    if self.engine.activity:
-                        outbound.touch_sent(s, touch, self.clock())
+                    self._mark_sent(s, touch_id, receipt)
                 return
             except sa.exc.OperationalError:
                 if attempt == RECORD_ATTEMPTS:
@@ -229,12 +351,77 @@ class Dispatcher:
                 log.warning("recording a sent touch failed; trying again", extra={"touch_id": touch_id})
                 time.sleep(RECORD_BACKOFF_SECONDS * attempt)
 
-    def _prepare(self, s: Session, touch_id: int) -> tuple[Result, Message | None]:
-        """Late binding: everything that may have changed since planning is checked now."""
+    def _record_all(self, sent: list[tuple[Message, Receipt | None]], batch: Batch) -> None:
+        """Record a batch's deliveries in one transaction, making those that are rows of this database in it
+        too; if that fails, each on its own, with its tries. Their results go to `batch`."""
+        if not sent:
+            return
+        try:
+            with store.session(self.db) as s:
+                rows = _load_many(s, [message.touch_id for message, _ in sent])
+                for message, receipt in sent:
+                    if receipt is None:
+                        receipt = self.channels[message.channel].send_in(s, message)
+                    self._mark_sent(s, message.touch_id, receipt, rows.get(message.touch_id))
+        except Exception:
+            log.warning("recording a batch of sent touches failed; recording each alone", exc_info=True)
+        else:
+            for message, _ in sent:
+                self._recorded(message, batch)
+            return
+        failure: Exception | None = None
+        for message, receipt in sent:
+            try:
+                if receipt is None:
+                    receipt, failed = self._send(message)
+                    if receipt is None:
+                        batch.results.append(failed.result)
+                        if failed.retry:
+                            batch.retries.append((message.touch_id, failed.attempts))
+                        continue
+                self._record_sent(message.touch_id, receipt)
+                self._recorded(message, batch)
+            except Exception as exc:  # the others are recorded all the same; the sweep sees to this one
+                log.exception("recording a sent touch failed", extra={"touch_id": message.touch_id})
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    def _recorded(self, message: Message, batch: Batch) -> None:
+        self._sent(message)
+        batch.results.append(Result(message.touch_id, TouchStatus.sent))
+
+    def _mark_sent(self, s: Session, touch_id: int, receipt: Receipt, loaded: _Loaded | None = None) -> None:
+        """Record the delivery; `loaded` holds the touch's rows when they were read with others."""
+        loaded = loaded or _load(s, touch_id)  # held, so planning finds the touch's rows in the session
+        touch = loaded.touch
+        touch.receipt = {
+            **touch.receipt,  # a provider's status callback may have come first
+            **receipt.details,
+            "provider": receipt.provider,
+            "reference": receipt.reference,
+        }
+        self.finish(s, touch, TouchStatus.sent, None)
+        if self.engine.activity:
+            outbound.touch_sent(s, touch, self.clock())
+
+    def _locks_contact(self) -> bool:
+        """With caps, one decision at a time per contact, so two workers cannot both take the last place."""
         caps = self.engine.policy.caps
-        # With caps, one decision at a time per contact, so two workers cannot both take the last place.
-        loaded = _load(s, touch_id, lock_contact=bool(caps.per_day or caps.per_week))
+        return bool(caps.per_day or caps.per_week)
+
+    def _prepare(
+        self, s: Session, touch_id: int, batched: _Loaded | None = None
+    ) -> tuple[Result, Message | None]:
+        """Late binding: everything that may have changed since planning is checked now.
+
+        In a batch, `batched` holds the touch's rows, read with the others'; a touch that may not go in a
+        batch is left as it is, with the status ALONE."""
+        caps = self.engine.policy.caps
+        loaded = batched or _load(s, touch_id, lock_contact=self._locks_contact())
         touch, enrollment = loaded.touch, loaded.enrollment
+        if batched and touch.status == TouchStatus.queued and not self._batchable(s, loaded):
+            return Result(touch_id, ALONE), None
         if not self._claim(s, touch):
             return Result(touch_id, "ignored", "not queued: already sent, being sent, or cancelled"), None
         if enrollment.status == EnrollmentStatus.paused:
@@ -447,17 +634,14 @@ class Dispatcher:
             touch.cleared_at = None
             return self._defer(touch, self.clock() + timedelta(seconds=max(exc.retry_after, 1)), str(exc))
 
-    def _delivery_failed(self, touch_id: int, exc: DeliveryError) -> Result:
+    def _delivery_failed(self, touch_id: int, exc: DeliveryError) -> _Failed:
         with store.session(self.db) as s:
             touch = s.get_one(Touch, touch_id)
-            if exc.transient:
-                retrying = self.retry_or_fail(s, touch, f"retrying: {exc}")
-            else:
-                retrying = False
+            if exc.transient and self.retry_or_fail(s, touch, f"retrying: {exc}"):
+                return _Failed(Result(touch_id, TouchStatus.queued, f"retrying: {exc}"), exc, touch.attempts)
+            if not exc.transient:
                 self.finish(s, touch, TouchStatus.failed, str(exc))
-        if retrying:
-            raise exc  # the broker retries with backoff; the touch is queued again for that retry to claim
-        return Result(touch_id, TouchStatus.failed, str(exc))
+        return _Failed(Result(touch_id, TouchStatus.failed, str(exc)))
 
     def _close(self, touch: Touch, status: str, reason: str | None) -> Result:
         touch.status = status

@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 from dramatiq import Worker
+from dramatiq.middleware.time_limit import TimeLimitExceeded
 from sqlmodel import Session, col, select
 
 from cadence import broker as brokers
@@ -19,7 +20,7 @@ from cadence import rules as ruleset
 from cadence.clock import Clock, system_clock
 from cadence.crm import adapters
 from cadence.digest import Digests
-from cadence.dispatch import Dispatcher
+from cadence.dispatch import BATCH_SIZE, Dispatcher
 from cadence.engine import Engine, pick_variant, stable_fraction
 from cadence.errors import RulesError
 from cadence.inbox import Inbox, Reader
@@ -89,13 +90,21 @@ class Service:
         self.metrics = Metrics()
         self.metrics.watch_backlog(self.db, clock)
         self.dispatcher = Dispatcher(
-            self.db, self.engine, self.channels, self.templates, settings.sender(), clock, self.metrics
+            self.db,
+            self.engine,
+            self.channels,
+            self.templates,
+            settings.sender(),
+            clock,
+            self.metrics,
+            batch_seconds=settings.send_time_limit_seconds,
         )
         #: The webhook adapters, by source, made once.
         self.adapters = adapters()
         self.inbox = Inbox(self.db, self.engine, clock, self.metrics, self._reader)
         self.broker = brokers.create_broker(settings.redis_url)
         self.actor = brokers.declare_dispatch(self.broker, self.dispatcher.dispatch)
+        self.batch_actor = brokers.declare_dispatch_many(self.broker, self._dispatch_batch)
         #: Deliveries stored in a burst are acted on by workers, like touches.
         inbox_actor = brokers.declare_inbox(self.broker, self.inbox.act_on)
         self.inbox.hand_off = lambda row_ids: brokers.send_all(inbox_actor, row_ids)
@@ -256,7 +265,29 @@ class Service:
         self.actor.send_with_options(args=(touch_id,), time_limit=limit_ms)
 
     def _queue_all(self, touch_ids: list[int]) -> None:
+        """Touches claimed by the scheduler: BATCH_SIZE to a message, sent together where their channels
+        allow (see `Dispatcher.dispatch_many`); a batch's time limit is its touches' limits added up."""
+        batches = [touch_ids[n : n + BATCH_SIZE] for n in range(0, len(touch_ids), BATCH_SIZE)]
+        limit_ms = self.settings.send_time_limit_seconds * 1000
+        brokers.send_all(self.batch_actor, batches, time_limit=limit_ms * BATCH_SIZE)
+
+    def _queue_each(self, touch_ids: list[int]) -> None:
         brokers.send_all(self.actor, touch_ids, time_limit=self.settings.send_time_limit_seconds * 1000)
+
+    def _dispatch_batch(self, touch_ids: list[int]) -> None:
+        """A worker's batch: what may go together goes together, the rest in a message each; after any
+        error or time limit, each touch gets a message of its own (one already sent finds nothing to do)."""
+        try:
+            batch = self.dispatcher.dispatch_many(touch_ids)
+        except (Exception, TimeLimitExceeded):
+            log.exception("a batch of touches failed; each is queued alone", extra={"touches": touch_ids})
+            self._queue_each(touch_ids)
+            return
+        self._queue_each(batch.alone)
+        limit_ms = self.settings.send_time_limit_seconds * 1000
+        for touch_id, attempts in batch.retries:
+            delay = brokers.retry_delay_ms(attempts)
+            self.actor.send_with_options(args=(touch_id,), time_limit=limit_ms, delay=delay)
 
     def start_worker(self, threads: int | None = None, poll_ms: int = 1000) -> Worker:
         """Worker threads in this process; `poll_ms` bounds how long stopping waits for idle consumers."""

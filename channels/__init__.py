@@ -8,11 +8,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jinja2
 
 from cadence import sandbox
+
+if TYPE_CHECKING:
+    from sqlmodel import Session
 
 #: Each channel's template parts: part name -> file extension (`template: email/x` -> x.txt and x.html).
 PARTS: dict[str, dict[str, str]] = {
@@ -78,6 +81,12 @@ class Channel:
     requires: ClassVar[str | None] = None
     #: True when sending the same key twice leaves one delivery (so a lost send may safely be retried).
     idempotent: ClassVar[bool] = False
+    #: True when touches on this channel may be sent in a worker's batch: idempotent, and quick because the
+    #: send stays on this machine (a file, a row), so a batch's sends stay well within the send limit.
+    batchable: ClassVar[bool] = False
+    #: True when a delivery is a row of Cadence's own database, which `send_in` can make inside a
+    #: transaction of the caller's, so that the row and the touch's record commit together.
+    in_database: ClassVar[bool] = False
 
     @property
     def parts(self) -> dict[str, str]:
@@ -94,6 +103,10 @@ class Channel:
 
     def send(self, message: Message) -> Receipt:
         raise NotImplementedError
+
+    def send_in(self, s: Session, message: Message) -> Receipt:
+        """Send inside the caller's transaction `s`; only a channel `in_database` can."""
+        raise NotImplementedError(f"{self.name} does not deliver to the database")
 
 
 def write_atomically(path: Path, data: bytes) -> None:

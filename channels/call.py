@@ -154,6 +154,8 @@ class CallTasks(Channel):
     name: ClassVar[str] = "call"
     requires: ClassVar[str | None] = "phone"
     idempotent: ClassVar[bool] = True
+    batchable: ClassVar[bool] = True
+    in_database: ClassVar[bool] = True
 
     def __init__(self, engine: sa.Engine, clock: Clock) -> None:
         self.engine = engine
@@ -161,24 +163,27 @@ class CallTasks(Channel):
 
     def send(self, message: Message) -> Receipt:
         with store.session(self.engine) as s:
-            task = s.exec(select(CallTask).where(CallTask.touch_id == message.touch_id)).first()
-            if task is None:
-                deal = message.deal or {}
-                task = CallTask(
-                    touch_id=message.touch_id,
-                    owner=deal.get("owner"),
-                    due_date=message.local_date,
-                    due_at=message.due_at,
-                    contact_id=message.contact["id"],
-                    deal_id=deal.get("id"),
-                    contact_name=message.contact.get("name"),
-                    phone=message.contact["phone"],
-                    reason=message.reason,
-                    script=message.parts["script"],
-                    script_html=script_html(message.parts["script"]),
-                    priority=message.priority,
-                    created_at=self.clock(),
-                )
-                s.add(task)
-                s.flush()
-            return Receipt("call-task", f"call_task:{task.id}")
+            return self.send_in(s, message)
+
+    def send_in(self, s: Session, message: Message) -> Receipt:
+        task = s.exec(select(CallTask).where(CallTask.touch_id == message.touch_id)).first()
+        if task is None:
+            deal = message.deal or {}
+            task = CallTask(
+                touch_id=message.touch_id,
+                owner=deal.get("owner"),
+                due_date=message.local_date,
+                due_at=message.due_at,
+                contact_id=message.contact["id"],
+                deal_id=deal.get("id"),
+                contact_name=message.contact.get("name"),
+                phone=message.contact["phone"],
+                reason=message.reason,
+                script=message.parts["script"],
+                script_html=script_html(message.parts["script"]),
+                priority=message.priority,
+                created_at=self.clock(),
+            )
+            s.add(task)
+            s.flush()
+        return Receipt("call-task", f"call_task:{task.id}")

@@ -46,6 +46,7 @@ class EmailOutbox(Channel):
     name: ClassVar[str] = "email"
     requires: ClassVar[str | None] = "email"
     idempotent: ClassVar[bool] = True
+    batchable: ClassVar[bool] = True
 
     def __init__(self, outbox: Path) -> None:
         self.folder = outbox / "email"

@@ -15,6 +15,7 @@ class LetterOutbox(Channel):
     name: ClassVar[str] = "letter"
     requires: ClassVar[str | None] = "address"
     idempotent: ClassVar[bool] = True
+    batchable: ClassVar[bool] = True
 
     def __init__(self, outbox: Path) -> None:
         self.folder = outbox / "letters"

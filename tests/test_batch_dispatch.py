@@ -1,0 +1,288 @@
+"""Batches: the scheduler's touches go to a worker several to a message, and are sent with one transaction for
+all their late checks and one for all their records; whatever cannot go together goes alone."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from harness import REPO, Harness, deal_event, make_settings, start_harness
+from sqlmodel import col, select
+
+from cadence import broker as brokers
+from cadence import store
+from cadence.dispatch import BATCH_SIZE, Dispatcher
+from cadence.models import CallTask, Touch, TouchStatus
+from channels import TransientError
+from channels.email import EmailOutbox
+
+#: One cadence per stage a test deal is put at: its first touch on a channel, or a choice of two.
+CADENCES = {
+    "email": "channel: email\n    template: email/deal-01-proposal-recap",
+    "sms": "channel: sms\n    template: sms/deal-05-round-table-invite",
+    "call": "channel: call\n    template: call/deal-02-walkthrough",
+    "choice": """choose:
+      - channel: sms
+        template: sms/deal-05-round-table-invite
+        when: (contact.age or 0) >= 90
+      - channel: email
+        template: email/deal-01-proposal-recap""",
+}
+
+CADENCE = """\
+cadence: batch-{stage}
+description: A first touch due at once, then a call two days later.
+enroll:
+  on: deal.stage_changed
+  when: deal.stage == "{stage}"
+exit:
+  when: deal.status != "open"
+calendar:
+  window: "09:00-18:00"
+  timezone: Europe/Moscow
+steps:
+  - day: 0
+    {first}
+    reason: The first touch of the test.
+  - day: 2
+    channel: call
+    template: call/deal-02-walkthrough
+    reason: A call after the first touch.
+"""
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    shutil.copy(REPO / "rules" / "policy.yaml", rules / "policy.yaml")
+    for stage, first in CADENCES.items():
+        (rules / f"batch-{stage}.yaml").write_text(CADENCE.format(stage=stage, first=first))
+    h = start_harness(make_settings(tmp_path, rules_dir=rules))
+    yield h
+    h.stop()
+
+
+def enroll(h: Harness, stage: str, count: int, start: int = 0) -> list[int]:
+    """`count` deals at `stage`, each with its own contact; the ids of their first touches, queued as the
+    scheduler queues them."""
+    for n in range(start, start + count):
+        body = deal_event(
+            f"evt-{stage}-{n}", deal_id=f"d-{stage}-{n}", contact_id=f"c-{stage}-{n}", stage=stage
+        )
+        body["contact"]["email"] = f"c{n}.{stage}@example.com"
+        assert harness_ok(h.post("/webhooks/generic", body))
+    with store.session(h.service.db) as s:
+        touches = s.exec(
+            select(Touch)
+            .where(Touch.status == TouchStatus.planned, Touch.step_index == 0)
+            .order_by(col(Touch.id))
+        ).all()
+        for touch in touches:
+            touch.status, touch.queued_at = TouchStatus.queued, h.clock()
+        return [touch.id or 0 for touch in touches]
+
+
+def harness_ok(response: Any) -> bool:
+    return bool(response.status_code < 300)
+
+
+def touch(h: Harness, touch_id: int) -> Touch:
+    with store.session(h.service.db) as s:
+        return s.get_one(Touch, touch_id)
+
+
+def emails(h: Harness) -> list[Path]:
+    return sorted((h.service.settings.outbox_dir / "email").glob("*.eml"))
+
+
+def next_steps(h: Harness) -> int:
+    return sum(t.step_index == 1 for t in h.touches())
+
+
+def test_a_batch_takes_two_transactions_whatever_its_size(harness: Harness) -> None:
+    ids = enroll(harness, "email", 8)
+    commits: list[int] = []
+    sa.event.listen(harness.service.db, "commit", lambda _c: commits.append(1))
+    batch = harness.service.dispatcher.dispatch_many(ids)
+    assert len(commits) == 2  # the claims with their late checks; the records with the next steps planned
+    assert sorted(r.touch_id for r in batch.results) == ids
+    assert {r.status for r in batch.results} == {TouchStatus.sent}
+    assert (batch.alone, batch.retries) == ([], [])
+    assert len(emails(harness)) == 8
+    assert all(touch(harness, i).attempts == 1 for i in ids)
+    assert next_steps(harness) == 8
+
+
+def test_a_call_task_is_made_in_the_transaction_that_records_its_touch(harness: Harness) -> None:
+    ids = enroll(harness, "call", 4) + enroll(harness, "email", 2)
+    commits: list[int] = []
+    sa.event.listen(harness.service.db, "commit", lambda _c: commits.append(1))
+    batch = harness.service.dispatcher.dispatch_many(ids)
+    assert len(commits) == 2
+    assert sorted(r.touch_id for r in batch.results) == ids
+    assert {r.status for r in batch.results} == {TouchStatus.sent}
+    with store.session(harness.service.db) as s:
+        tasks = s.exec(select(CallTask).order_by(col(CallTask.touch_id))).all()
+    assert [task.touch_id for task in tasks] == ids[:4]
+    assert [touch(harness, i).receipt["reference"] for i in ids[:4]] == [f"call_task:{t.id}" for t in tasks]
+    assert all(task.script_html and task.script_html.startswith("<") for task in tasks)
+
+
+def test_a_touch_that_may_go_out_on_an_unrepeatable_channel_is_left_to_go_alone(harness: Harness) -> None:
+    """SMS may not be repeated after a lost worker, so it never waits in a batch: neither a touch planned on
+    SMS nor one whose choice may fall on it, though this contact gets the email."""
+    email = enroll(harness, "email", 2)
+    sms = enroll(harness, "sms", 2)
+    choice = enroll(harness, "choice", 1)
+    batch = harness.service.dispatcher.dispatch_many(email + sms + choice)
+    assert batch.alone == sms + choice
+    assert sorted(r.touch_id for r in batch.results) == email
+    for touch_id in sms + choice:  # untouched: still queued, no attempt counted, nothing sent
+        left = touch(harness, touch_id)
+        assert (left.status, left.attempts, left.cleared_at) == (TouchStatus.queued, 0, None)
+    assert not (harness.service.settings.outbox_dir / "sms.jsonl").exists()
+    assert len(emails(harness)) == 2
+    for touch_id in sms + choice:
+        assert harness.service.dispatcher.dispatch(touch_id).status == TouchStatus.sent
+    assert touch(harness, choice[0]).channel == "email"
+    assert len(emails(harness)) == 3
+
+
+def test_a_worker_sends_what_goes_alone_in_a_message_of_its_own(harness: Harness) -> None:
+    ids = enroll(harness, "sms", 1) + enroll(harness, "email", 1)
+    harness.service.batch_actor.send(ids)
+    harness.drain()
+    assert [touch(harness, i).status for i in ids] == [TouchStatus.sent, TouchStatus.sent]
+    assert len((harness.service.settings.outbox_dir / "sms.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_batch_out_of_time_hands_back_what_it_did_not_begin(harness: Harness) -> None:
+    ids = enroll(harness, "email", 3)
+    dispatcher = harness.service.dispatcher
+    dispatcher.batch_seconds = -1.0  # out of time before the first send
+    batch = dispatcher.dispatch_many(ids)
+    assert (batch.results, batch.alone) == ([], ids)
+    for touch_id in ids:  # as before the claim: queued again, the attempt not counted
+        left = touch(harness, touch_id)
+        assert (left.status, left.attempts, left.cleared_at, left.sending_at) == (
+            TouchStatus.queued,
+            0,
+            None,
+            None,
+        )
+    assert emails(harness) == []
+    harness.service._dispatch_batch(ids)  # the worker's actor: each goes alone, and is sent once
+    harness.drain()
+    assert [touch(harness, i).status for i in ids] == [TouchStatus.sent] * 3
+    assert [touch(harness, i).attempts for i in ids] == [1, 1, 1]
+    assert len(emails(harness)) == 3
+
+
+def test_a_batch_whose_late_checks_fail_sends_each_touch_alone(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = enroll(harness, "email", 4)
+    unlucky = "c2.email@example.com"  # the third touch's contact
+    render = EmailOutbox.render
+    failed: list[str] = []
+
+    def fails_once(self: EmailOutbox, env: Any, template: str, context: dict[str, Any]) -> dict[str, str]:
+        if context["contact"]["email"] == unlucky and not failed:
+            failed.append(unlucky)
+            raise RuntimeError("the template's data source hiccupped")
+        return render(self, env, template, context)
+
+    monkeypatch.setattr(EmailOutbox, "render", fails_once)
+    with pytest.raises(RuntimeError):
+        harness.service.dispatcher.dispatch_many(ids)
+    assert [touch(harness, i).status for i in ids] == [TouchStatus.queued] * 4  # every claim rolled back
+    assert emails(harness) == []
+    harness.service._dispatch_batch(ids)  # fails once more inside; each touch then goes alone
+    harness.drain()
+    assert failed == [unlucky]
+    assert [touch(harness, i).status for i in ids] == [TouchStatus.sent] * 4
+    assert len(emails(harness)) == 4
+    assert next_steps(harness) == 4
+
+
+def test_a_transient_failure_in_a_batch_is_retried_alone_after_a_pause(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = enroll(harness, "email", 3)
+    unlucky = touch(harness, ids[1]).key
+    send = EmailOutbox.send
+    refused: list[str] = []
+
+    def refuses_once(self: EmailOutbox, message: Any) -> Any:
+        if message.key == unlucky and not refused:
+            refused.append(message.key)
+            raise TransientError("mail relay busy")
+        return send(self, message)
+
+    monkeypatch.setattr(EmailOutbox, "send", refuses_once)
+    queued: list[dict[str, Any]] = []
+    single = harness.service.actor
+    original = single.send_with_options
+    monkeypatch.setattr(single, "send_with_options", lambda **o: queued.append(o) or original(**o))
+    harness.service._dispatch_batch(ids)
+    left = touch(harness, ids[1])
+    assert (left.status, left.attempts) == (TouchStatus.queued, 1)
+    assert queued == [
+        {
+            "args": (ids[1],),
+            "time_limit": harness.service.settings.send_time_limit_seconds * 1000,
+            "delay": 2000,
+        }
+    ]
+    harness.drain()  # the delayed message comes due and is sent
+    assert [touch(harness, i).status for i in ids] == [TouchStatus.sent] * 3
+    assert touch(harness, ids[1]).attempts == 2
+
+
+def test_a_batch_record_that_fails_records_each_touch_alone(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = enroll(harness, "email", 2) + enroll(harness, "call", 1)
+    mark = Dispatcher._mark_sent
+    calls: list[int] = []
+
+    def fails_first(self: Dispatcher, s: Any, touch_id: int, receipt: Any, loaded: Any = None) -> None:
+        calls.append(touch_id)
+        if len(calls) == 2:  # the second touch of the batch's record: the whole transaction goes
+            raise sa.exc.OperationalError("UPDATE touch", {}, Exception("database is locked"))
+        mark(self, s, touch_id, receipt, loaded)
+
+    monkeypatch.setattr(Dispatcher, "_mark_sent", fails_first)
+    batch = harness.service.dispatcher.dispatch_many(ids)
+    assert [r.status for r in batch.results] == [TouchStatus.sent] * 3
+    assert calls == [ids[0], ids[1], ids[0], ids[1], ids[2]]  # two in the batch, then each alone
+    assert [touch(harness, i).status for i in ids] == [TouchStatus.sent] * 3
+    assert next_steps(harness) == 3
+    with store.session(harness.service.db) as s:  # the call task, rolled back with the batch, made alone
+        assert [task.touch_id for task in s.exec(select(CallTask)).all()] == [ids[2]]
+
+
+def test_the_scheduler_queues_its_touches_in_batches(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    count = BATCH_SIZE + 4
+    for n in range(count):
+        body = deal_event(f"evt-{n}", deal_id=f"d-{n}", contact_id=f"c-{n}", stage="email")
+        assert harness_ok(harness.post("/webhooks/generic", body))
+    sizes: list[int] = []
+    dispatch_many = harness.service.dispatcher.dispatch_many
+    monkeypatch.setattr(
+        harness.service.dispatcher, "dispatch_many", lambda ids: sizes.append(len(ids)) or dispatch_many(ids)
+    )
+    harness.run_days(1)
+    assert sorted(sizes) == [4, BATCH_SIZE]
+    assert len(emails(harness)) == count
+
+
+def test_a_retry_waits_as_the_brokers_own_retries_do() -> None:
+    assert [brokers.retry_delay_ms(n) for n in (1, 2, 3, 4)] == [2000, 4000, 8000, 16000]
