@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -116,6 +117,34 @@ _CLAIM = (
     .values(status=TouchStatus.sending, sending_at=sa.bindparam("sending_at"), attempts=Touch.attempts + 1)
 )
 
+
+#: Days back the caps look at a contact's touches: a week, and a day for the time zones.
+CAPS_LOOK_BACK_DAYS = 8
+#: Why a touch was not claimed.
+_NOT_QUEUED = "not queued: already sent, being sent, or cancelled"
+#: For the caps, by contact: its touches let go by their send-time checks, (touch id, when).
+_Cleared = dict[int, list[tuple[int, datetime | None]]]
+
+#: The batch's claim: `_CLAIM` for several touches, returning the ids it took. Made once.
+_CLAIM_ALL = (
+    sa.update(Touch)
+    .where(
+        col(Touch.id).in_(sa.bindparam("ids", expanding=True)), col(Touch.status) == sa.bindparam("queued")
+    )
+    .values(status=TouchStatus.sending, sending_at=sa.bindparam("sending_at"), attempts=Touch.attempts + 1)
+    .returning(col(Touch.id))
+)
+
+#: `_CLEARED_FOR_CONTACT` for several contacts, with each touch's contact and id. Made once.
+_CLEARED_FOR_CONTACTS = (
+    select(Enrollment.contact_id, Touch.id, Touch.cleared_at)
+    .join(Enrollment, col(Enrollment.id) == col(Touch.enrollment_id))
+    .where(
+        col(Enrollment.contact_id).in_(sa.bindparam("contacts", expanding=True)),
+        col(Touch.status).in_([TouchStatus.sending, TouchStatus.sent]),
+        col(Touch.cleared_at) >= sa.bindparam("since"),
+    )
+)
 
 #: When the contact's other touches since `since` were let go by their send-time checks (caps count them).
 _CLEARED_FOR_CONTACT = (
@@ -232,14 +261,26 @@ class Dispatcher:
         prepared: list[Message] = []
         with store.session(self.db) as s:
             rows = _load_many(s, touch_ids, lock_contact=self._locks_contact())
+            together: list[_Loaded] = []
             for touch_id in touch_ids:
-                outcome, message = self._prepare(s, touch_id, rows.get(touch_id))
-                if outcome.status == ALONE:
+                loaded = rows.get(touch_id) or _load(s, touch_id)  # a touch not found raises, by its id
+                if loaded.touch.status == TouchStatus.queued and not self._batchable(s, loaded):
                     batch.alone.append(touch_id)
-                elif message is None:
-                    batch.results.append(outcome)
                 else:
-                    prepared.append(message)
+                    together.append(loaded)
+            claimed = self._claim_all(s, [loaded.touch for loaded in together])
+            cleared = self._cleared_for_contacts(s, {loaded.enrollment.contact_id for loaded in together})
+            for loaded in together:
+                if loaded.touch.id not in claimed:
+                    batch.results.append(Result(loaded.touch.id or 0, "ignored", _NOT_QUEUED))
+                    continue
+                outcome, message = self._check(s, loaded, cleared)
+                if message is None:
+                    batch.results.append(outcome)
+                    continue
+                prepared.append(message)
+                if cleared is not None:  # counted by the caps of the contact's touches after it
+                    cleared[loaded.enrollment.contact_id].append((message.touch_id, loaded.touch.cleared_at))
         # What went out, with its receipt; None for a channel whose delivery is a row of this database,
         # made in the transaction that records it.
         sent: list[tuple[Message, Receipt | None]] = []
@@ -302,6 +343,38 @@ class Dispatcher:
         point = self.engine.spec_of(s, loaded.enrollment).touchpoint(loaded.touch.step_index)
         options = point.choose if point is not None else ()
         return all(getattr(self.channels.get(option.channel), "batchable", False) for option in options)
+
+    def _claim_all(self, s: Session, touches: list[Touch]) -> set[int]:
+        """`_claim` for a batch's touches in one statement; the ids of those claimed."""
+        queued = [touch for touch in touches if touch.status == TouchStatus.queued]
+        if not queued:
+            return set()
+        now = self.clock()
+        ids = [touch.id for touch in queued]
+        rows = s.connection().execute(
+            _CLAIM_ALL, {"ids": ids, "queued": TouchStatus.queued, "sending_at": now}
+        )
+        claimed = {row[0] or 0 for row in rows}
+        for touch in queued:
+            if touch.id in claimed:
+                set_committed_value(touch, "status", TouchStatus.sending)
+                set_committed_value(touch, "sending_at", now)
+                set_committed_value(touch, "attempts", touch.attempts + 1)
+        return claimed
+
+    def _cleared_for_contacts(self, s: Session, contacts: set[int]) -> _Cleared | None:
+        """For the caps, when each contact's touches were let go in the last eight days, with their ids,
+        read once for a batch (None without caps). Read after the batch's claims and before any of its
+        touches is let go: each is added as it is (see `dispatch_many`)."""
+        if not self._locks_contact() or not contacts:
+            return None
+        found: _Cleared = defaultdict(list)
+        since = self.clock() - timedelta(days=CAPS_LOOK_BACK_DAYS)
+        for contact_id, touch_id, at in s.exec(
+            _CLEARED_FOR_CONTACTS, params={"contacts": list(contacts), "since": since}
+        ):
+            found[contact_id].append((touch_id or 0, at))
+        return found
 
     def _claim(self, s: Session, touch: Touch) -> bool:
         """Take the touch from queued to sending; False if it is not queued (already sent, being sent, or
@@ -410,20 +483,21 @@ class Dispatcher:
         caps = self.engine.policy.caps
         return bool(caps.per_day or caps.per_week)
 
-    def _prepare(
-        self, s: Session, touch_id: int, batched: _Loaded | None = None
-    ) -> tuple[Result, Message | None]:
-        """Late binding: everything that may have changed since planning is checked now.
+    def _prepare(self, s: Session, touch_id: int) -> tuple[Result, Message | None]:
+        """Claim the touch and check it; see `_check`."""
+        loaded = _load(s, touch_id, lock_contact=self._locks_contact())
+        if not self._claim(s, loaded.touch):
+            return Result(touch_id, "ignored", _NOT_QUEUED), None
+        return self._check(s, loaded)
 
-        In a batch, `batched` holds the touch's rows, read with the others'; a touch that may not go in a
-        batch is left as it is, with the status ALONE."""
+    def _check(
+        self, s: Session, loaded: _Loaded, cleared: _Cleared | None = None
+    ) -> tuple[Result, Message | None]:
+        """Late binding: everything that may have changed since planning is checked now, for a touch just
+        claimed; its message when it may go out. `cleared` is what the caps count, read for a batch."""
         caps = self.engine.policy.caps
-        loaded = batched or _load(s, touch_id, lock_contact=self._locks_contact())
         touch, enrollment = loaded.touch, loaded.enrollment
-        if batched and touch.status == TouchStatus.queued and not self._batchable(s, loaded):
-            return Result(touch_id, ALONE), None
-        if not self._claim(s, touch):
-            return Result(touch_id, "ignored", "not queued: already sent, being sent, or cancelled"), None
+        touch_id = touch.id or 0
         if enrollment.status == EnrollmentStatus.paused:
             # Paused while this touch was on its way: it waits with the others until the enrollment resumes.
             touch.status, touch.queued_at, touch.status_reason = TouchStatus.held, None, "enrollment paused"
@@ -471,7 +545,7 @@ class Dispatcher:
                 return self._defer(touch, slot, f"deferred to {touch.channel}'s hours"), None
         channel = self.channels[touch.channel]
         capped = self._capped(
-            s, caps, touch, enrollment.contact_id, now, zone, calendar
+            s, caps, touch, enrollment.contact_id, now, zone, calendar, cleared
         ) or self._over_budget(s, spec.budget.per_month if spec.budget else None, touch, now, zone, calendar)
         if capped is not None:
             return self._defer(touch, *capped), None
@@ -588,22 +662,24 @@ class Dispatcher:
         now: datetime,
         zone: ZoneInfo,
         calendar: Calendar,
+        batch: _Cleared | None = None,
     ) -> tuple[datetime, str] | None:
         """(when the contact may next be touched, why) if the policy's caps are reached, else None.
 
-        The caller holds the contact's row (see _prepare)."""
+        The caller holds the contact's row (see _prepare); in a batch, `batch` has what it counts."""
         if not caps.per_day and not caps.per_week:
             return None
         local_midnight = datetime.combine(now.astimezone(zone).date(), datetime.min.time(), tzinfo=zone)
-        since = min(now - timedelta(days=8), local_midnight.astimezone(UTC))
-        cleared = sorted(
-            at
-            for at in s.exec(
+        since = min(now - timedelta(days=CAPS_LOOK_BACK_DAYS), local_midnight.astimezone(UTC))
+        found: Sequence[datetime | None]
+        if batch is not None:
+            found = [at for other, at in batch[contact_id] if other != touch.id and at and at >= since]
+        else:
+            found = s.exec(
                 _CLEARED_FOR_CONTACT,
                 params={"contact_id": contact_id, "since": since, "touch_id": touch.id},
             ).all()
-            if at is not None
-        )
+        cleared = sorted(at for at in found if at is not None)
         today = [at for at in cleared if at >= local_midnight]
         if caps.per_day and len(today) >= caps.per_day:
             tomorrow = local_midnight + timedelta(days=1)

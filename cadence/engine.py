@@ -12,12 +12,11 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import cache, lru_cache
+from functools import lru_cache
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
-from sqlalchemy.orm import make_transient_to_detached
 from sqlmodel import Session, SQLModel, col, select
 
 from cadence import outbound, sandbox, store, timing
@@ -112,7 +111,7 @@ def _get_or_insert(
     """
     if likely_new:
         row = make()
-        if _insert_unless_taken(s, row):
+        if store.insert_unless_taken(s, row):
             return row
         found = existing()
         if found is None:
@@ -132,29 +131,6 @@ def _get_or_insert(
         if found is None:
             raise
         return found
-
-
-def _insert_unless_taken(s: Session, row: SQLModel) -> bool:
-    """Insert `row` by one statement and attach it to the session, as if read; False if a unique key of
-    it is taken already (nothing is written then)."""
-    table: sa.Table = row.__table__  # type: ignore[attr-defined]
-    values = {column.name: getattr(row, column.name) for column in table.columns if column.name != "id"}
-    connection = s.connection()
-    new_id = connection.execute(_insert_statement(connection.dialect.name, table), values).scalar()
-    if new_id is None:
-        return False
-    row.id = new_id
-    make_transient_to_detached(row)
-    s.add(row)
-    return True
-
-
-@cache
-def _insert_statement(dialect_name: str, table: sa.Table) -> sa.Insert:
-    """INSERT ... ON CONFLICT DO NOTHING, RETURNING the id: made once per table, the values come as
-    parameters."""
-    statement: sa.Insert = store.insert(dialect_name, table).on_conflict_do_nothing().returning(table.c.id)
-    return statement
 
 
 def _apply(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlmodel import Session
+from sqlalchemy.orm import make_transient_to_detached
+from sqlmodel import Session, SQLModel
 
 from cadence import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
@@ -39,6 +41,30 @@ def insert(dialect_name: str, table: sa.Table) -> Any:
     PostgreSQL and SQLite have them); executed with a row's values as parameters."""
     dialect: Any = postgresql if dialect_name == "postgresql" else sqlite
     return dialect.insert(table)
+
+
+def insert_unless_taken(s: Session, row: SQLModel) -> bool:
+    """Insert `row` by one statement and attach it to the session, as if read; False if a unique key of
+    it is taken already (nothing is written then). One round trip, and no savepoint, where looking first
+    and inserting after would take two."""
+    table: sa.Table = row.__table__  # type: ignore[attr-defined]
+    values = {column.name: getattr(row, column.name) for column in table.columns if column.name != "id"}
+    connection = s.connection()
+    new_id = connection.execute(_insert_returning_id(connection.dialect.name, table), values).scalar()
+    if new_id is None:
+        return False
+    row.id = new_id
+    make_transient_to_detached(row)
+    s.add(row)
+    return True
+
+
+@cache
+def _insert_returning_id(dialect_name: str, table: sa.Table) -> sa.Insert:
+    """INSERT ... ON CONFLICT DO NOTHING, RETURNING the id: made once per table, the values come as
+    parameters."""
+    statement: sa.Insert = insert(dialect_name, table).on_conflict_do_nothing().returning(table.c.id)
+    return statement
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:

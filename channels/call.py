@@ -166,24 +166,22 @@ class CallTasks(Channel):
             return self.send_in(s, message)
 
     def send_in(self, s: Session, message: Message) -> Receipt:
-        task = s.exec(select(CallTask).where(CallTask.touch_id == message.touch_id)).first()
-        if task is None:
-            deal = message.deal or {}
-            task = CallTask(
-                touch_id=message.touch_id,
-                owner=deal.get("owner"),
-                due_date=message.local_date,
-                due_at=message.due_at,
-                contact_id=message.contact["id"],
-                deal_id=deal.get("id"),
-                contact_name=message.contact.get("name"),
-                phone=message.contact["phone"],
-                reason=message.reason,
-                script=message.parts["script"],
-                script_html=script_html(message.parts["script"]),
-                priority=message.priority,
-                created_at=self.clock(),
-            )
-            s.add(task)
-            s.flush()
+        deal = message.deal or {}
+        task = CallTask(
+            touch_id=message.touch_id,
+            owner=deal.get("owner"),
+            due_date=message.local_date,
+            due_at=message.due_at,
+            contact_id=message.contact["id"],
+            deal_id=deal.get("id"),
+            contact_name=message.contact.get("name"),
+            phone=message.contact["phone"],
+            reason=message.reason,
+            script=message.parts["script"],
+            script_html=script_html(message.parts["script"]),
+            priority=message.priority,
+            created_at=self.clock(),
+        )
+        if not store.insert_unless_taken(s, task):  # sent before: the touch's task is the one there is
+            task = s.exec(select(CallTask).where(CallTask.touch_id == message.touch_id)).one()
         return Receipt("call-task", f"call_task:{task.id}")

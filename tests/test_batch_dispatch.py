@@ -107,9 +107,18 @@ def next_steps(h: Harness) -> int:
 def test_a_batch_takes_two_transactions_whatever_its_size(harness: Harness) -> None:
     ids = enroll(harness, "email", 8)
     commits: list[int] = []
+    seen: list[str] = []
     sa.event.listen(harness.service.db, "commit", lambda _c: commits.append(1))
+    sa.event.listen(
+        harness.service.db, "before_cursor_execute", lambda *a: seen.append(" ".join(a[2].split()))
+    )
     batch = harness.service.dispatcher.dispatch_many(ids)
     assert len(commits) == 2  # the claims with their late checks; the records with the next steps planned
+    # One statement each for the batch: reading the touches (twice: to check, to record), claiming them,
+    # and reading what the caps count.
+    assert sum(s.startswith("SELECT touch.id") and "JOIN cadence_version" in s for s in seen) == 2
+    assert sum(s.startswith("UPDATE touch SET status=?") and "RETURNING" in s for s in seen) == 1
+    assert sum(s.startswith("SELECT enrollment.contact_id, touch.id, touch.cleared_at") for s in seen) == 1
     assert sorted(r.touch_id for r in batch.results) == ids
     assert {r.status for r in batch.results} == {TouchStatus.sent}
     assert (batch.alone, batch.retries) == ([], [])
@@ -131,6 +140,28 @@ def test_a_call_task_is_made_in_the_transaction_that_records_its_touch(harness: 
     assert [task.touch_id for task in tasks] == ids[:4]
     assert [touch(harness, i).receipt["reference"] for i in ids[:4]] == [f"call_task:{t.id}" for t in tasks]
     assert all(task.script_html and task.script_html.startswith("<") for task in tasks)
+
+
+def test_the_caps_count_what_a_batch_lets_go_and_what_went_before(harness: Harness) -> None:
+    """The policy allows one touch a contact a day. Two of one contact's touches in one batch: the second
+    waits for tomorrow; so does a touch in a later batch, after one sent alone earlier the same day."""
+    for n, stage in enumerate(["email", "call", "email"]):
+        body = deal_event(
+            f"evt-{n}", deal_id=f"d-{n}", contact_id="c-same" if n < 2 else "c-other", stage=stage
+        )
+        assert harness_ok(harness.post("/webhooks/generic", body))
+    first, second, other = enroll(harness, "none", 0)
+    batch = harness.service.dispatcher.dispatch_many([first, second])
+    assert [(r.touch_id, r.status) for r in batch.results] == [(second, TouchStatus.planned), (first, "sent")]
+    assert batch.results[0].reason == "deferred: 1 touch(es) a day cap"
+    assert touch(harness, second).due_at.date() > harness.clock().date()
+    # The other contact: a touch of a second enrollment, sent alone first, then one in a batch.
+    body = deal_event("evt-3", deal_id="d-3", contact_id="c-other", stage="call")
+    assert harness_ok(harness.post("/webhooks/generic", body))
+    [later] = [i for i in enroll(harness, "none", 0) if i != second]
+    assert harness.service.dispatcher.dispatch(other).status == TouchStatus.sent
+    [result] = harness.service.dispatcher.dispatch_many([later]).results
+    assert (result.status, result.reason) == (TouchStatus.planned, "deferred: 1 touch(es) a day cap")
 
 
 def test_a_touch_that_may_go_out_on_an_unrepeatable_channel_is_left_to_go_alone(harness: Harness) -> None:
