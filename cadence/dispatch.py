@@ -47,7 +47,7 @@ RECORD_ATTEMPTS = 5
 #: Seconds between those tries, times the try's number.
 RECORD_BACKOFF_SECONDS = 0.5
 #: Touches one worker message from the scheduler carries (see `Dispatcher.dispatch_many`).
-BATCH_SIZE = 16
+BATCH_SIZE = 32
 #: A touch's status in a batch's results when it is sent alone instead (see `Dispatcher.dispatch_many`).
 ALONE = "alone"
 
