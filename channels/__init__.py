@@ -109,10 +109,21 @@ class Channel:
         raise NotImplementedError(f"{self.name} does not deliver to the database")
 
 
+#: Folders `write_atomically` has made or found, so each write does not ask again.
+_folders: set[Path] = set()
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Write a whole file or nothing: readers never see half a message, rewrites replace it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    folder = path.parent
+    if folder not in _folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        _folders.add(folder)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    except FileNotFoundError:  # the folder was removed since
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

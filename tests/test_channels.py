@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.policy
 import json
+import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from datetime import UTC, date, datetime
@@ -23,7 +24,7 @@ from cadence.clock import ManualClock
 from cadence.engine import contact_view_from
 from cadence.models import CadenceVersion, CallTask, Contact, Deal, Enrollment, Touch
 from cadence.service import build_channels
-from channels import Channel, Message
+from channels import Channel, Message, write_atomically
 from channels.call import CallTasks
 from channels.email import EmailOutbox
 from channels.letter import LetterOutbox
@@ -418,3 +419,13 @@ def test_a_contact_without_email_is_still_reachable_by_phone_and_post(
     reachable = {name for name, channel in all_channels.items() if channel.missing(contact) is None}
 
     assert reachable == {"sms", "call", "letter"}
+
+
+def test_an_outbox_write_makes_its_folder_again_when_it_was_removed(tmp_path: Path) -> None:
+    """The folder is made once and remembered; if someone removes it, the next write makes it again."""
+    path = tmp_path / "outbox" / "email" / "a.eml"
+    write_atomically(path, b"first")
+    shutil.rmtree(tmp_path / "outbox")
+    write_atomically(path, b"second")
+    assert path.read_bytes() == b"second"
+    assert [p.name for p in path.parent.iterdir()] == ["a.eml"]  # no temporary file left behind
