@@ -240,7 +240,7 @@ class _GroupCommit:
         """Store the rows in one transaction and hand the new ones on; each row's id, None for a duplicate.
         Raises when nothing was stored."""
         with self.db.begin() as connection:
-            ids = [connection.execute(self.insert, row).scalar_one_or_none() for row in rows]
+            ids = self._insert_all(connection, rows)
         stored = [row_id for row_id in ids if row_id is not None]
         if stored:
             self.written(stored)
@@ -296,17 +296,39 @@ class _GroupCommit:
         for waiting in group:
             waiting.stored.set()
 
+    def _insert_all(self, connection: sa.Connection, rows: list[Row]) -> list[int | None]:
+        """Insert the rows by one statement (per run of distinct deliveries: a delivery twice in a group is
+        written after the first, as if it came after it); each row's id, None for a duplicate."""
+        ids: list[int | None] = [None] * len(rows)
+        left: list[int] = list(range(len(rows)))
+        while left:
+            keys: set[tuple[str, str]] = set()
+            run: list[int] = []
+            later: list[int] = []
+            for n in left:
+                key = (rows[n]["source"], rows[n]["event_id"])
+                (later if key in keys else run).append(n)
+                keys.add(key)
+            written = connection.execute(self.insert, [rows[n] for n in run])
+            found = {(source, event_id): row_id for row_id, source, event_id in written}
+            for n in run:
+                ids[n] = found.get((rows[n]["source"], rows[n]["event_id"]))
+            left = later
+        return ids
+
     @functools.cached_property
     def insert(self) -> sa.Insert:
         """Insert a row; in place of a rejected or failed one with its id; nothing over any other. Made
-        once: the values come as parameters."""
+        once: the values come as parameters, one row's or many (then sent as one statement). Returns the
+        id with the delivery's key."""
         table = InboundEvent.__table__  # type: ignore[attr-defined]
         insert = store.insert(self.db.dialect.name, table)
         return insert.on_conflict_do_update(  # type: ignore[no-any-return]
             index_elements=["source", "event_id"],
             set_={name: insert.excluded[name] for name in _REPLACED},
-            where=table.c.status.in_(("rejected", "failed")),
-        ).returning(table.c.id)
+            # Not IN (...): its expanding parameter cannot go with many rows.
+            where=sa.or_(table.c.status == "rejected", table.c.status == "failed"),
+        ).returning(table.c.id, table.c.source, table.c.event_id)
 
 
 class Inbox:

@@ -8,7 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ from harness import Harness, deal_event, make_settings, start_harness
 from sqlmodel import func, select
 
 from cadence import store
-from cadence.inbox import BURST_QUIET_SECONDS, Inbox, Intake
+from cadence.inbox import BURST_QUIET_SECONDS, Inbox, Intake, _GroupCommit
 from cadence.models import Enrollment, InboundEvent
 
 #: Deliveries in one burst.
@@ -253,3 +253,38 @@ def test_during_a_burst_a_delivery_alone_for_a_moment_is_still_queued(harness: H
     inbox._last_queued = time.monotonic() - BURST_QUIET_SECONDS - 1  # the burst is over
     after = inbox.receive("generic", _body(2))
     assert after.queued is None and len(after.effects.enrolled) == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_group_is_written_by_one_statement_a_run_of_distinct_deliveries(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A group's rows go in one INSERT; a delivery that comes twice in the group is written after the first,
+    as if it came after it: a duplicate of one received, or in place of one rejected."""
+    url = request.getfixturevalue("postgres_url") if backend == "postgresql" else f"sqlite:///{tmp_path}/g.db"
+    db = store.create_engine(url)
+    store.migrate(db)
+    handed: list[list[int]] = []
+    group = _GroupCommit(db, handed.append)
+    now = datetime.now(UTC)
+
+    def row(event_id: str, status: str = "received") -> dict[str, object]:
+        return {"source": "generic", "event_id": event_id, "type": "deal.stage_changed", "body": "{}",
+                "status": status, "error": "unreadable" if status == "rejected" else None,
+                "received_at": now, "processed_at": None}  # fmt: skip
+
+    inserts: list[str] = []
+    sa.event.listen(
+        db, "before_cursor_execute", lambda *a: inserts.append(a[2]) if "INSERT" in a[2] else None
+    )
+    ids = group.write([row("a", "rejected"), row("b"), row("a"), row("b"), row("c"), row("a")])
+    assert len(inserts) == 3  # [a b c], then [a], then [a]: each run one statement
+    a, b, c = ids[0], ids[1], ids[4]
+    assert None not in (a, b, c) and len({a, b, c}) == 3
+    # The second "a" replaced the rejected one (same row); the second "b" and third "a" are duplicates.
+    assert ids == [a, b, a, None, c, None]
+    assert handed == [[a, b, a, c]]
+    with db.connect() as connection:
+        stored = connection.execute(sa.text("SELECT event_id, status FROM inbound_event ORDER BY id")).all()
+    assert [tuple(r) for r in stored] == [("a", "received"), ("b", "received"), ("c", "received")]
+    db.dispose()
