@@ -14,7 +14,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -724,6 +724,18 @@ def openapi_document() -> dict[str, Any]:
     return document([*OPERATIONS, *pages.OPERATIONS, *reporting.OPERATIONS], "Cadence", __version__, schemas)
 
 
+def path_and_query(scope: Mapping[str, Any]) -> str:
+    """The request's path and query as `request.url` has them (a webhook's signature may cover them), without
+    building the whole URL: Starlette escapes ?, # and \\ in the path, and urlsplit drops tabs and newlines
+    and cuts the query at a #."""
+    path = scope["path"].replace("?", "%3F").replace("#", "%23").replace("\\", "%5C")
+    query = scope.get("query_string", b"").decode("utf-8", errors="replace")
+    for unsafe in "\t\r\n":
+        path, query = path.replace(unsafe, ""), query.replace(unsafe, "")
+    query = query.partition("#")[0]
+    return f"{path}?{query}" if query else path
+
+
 def create_app(service: Service, background: bool = True) -> Starlette:
     """The ASGI app; with `background`, the embedded worker and scheduler run for the app's lifetime."""
     settings = service.settings
@@ -790,11 +802,10 @@ def create_app(service: Service, background: bool = True) -> Starlette:
                 404, "unknown_source", f"no webhook adapter for {source!r}; there are {known}", "source"
             )
         body = await _body(request)
-        query = f"?{request.url.query}" if request.url.query else ""
         delivery = Delivery(
             source=source,
             method=request.method,
-            url=f"{settings.public_url.rstrip('/')}{request.url.path}{query}",
+            url=f"{settings.public_url.rstrip('/')}{path_and_query(request.scope)}",
             headers={k.lower(): v for k, v in request.headers.items()},
             query=dict(request.query_params),
             body=body,

@@ -20,9 +20,11 @@ from harness import REPO, Harness, make_settings, start_harness
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlmodel import col, select
+from starlette.requests import Request
 from starlette.testclient import TestClient
 
 from cadence import rules, store
+from cadence.api import path_and_query
 from cadence.crm import adapters
 from cadence.crm.forms import FormError, parse_form
 from cadence.crm.mapping import CrmMap
@@ -789,3 +791,20 @@ def test_a_mangled_body_to_any_adapter_gets_a_4xx_never_a_5xx(
     assert response.status_code < 300 or 400 <= response.status_code < 500, (seed, body[:300], response.text)
     if response.status_code >= 400:
         assert response.json()["error"]["message"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    path=st.text(alphabet=st.sampled_from("/ab?#\\\t\r\n%é~"), max_size=12).map(lambda p: "/webhooks/x" + p),
+    query=st.text(alphabet=st.sampled_from("a=&?#%+é\t\r\n "), max_size=12).map(str.encode),
+)
+def test_a_webhooks_path_and_query_are_read_as_the_request_url_has_them(path: str, query: bytes) -> None:
+    """Signatures cover the URL a CRM called: the path and query are read from the request without
+    building its URL, and come out as Starlette's `request.url` gives them."""
+    scope = {"type": "http", "method": "POST", "path": path, "query_string": query, "headers": [],
+             "server": ("127.0.0.1", 8000), "scheme": "http"}  # fmt: skip
+    url = Request(scope).url
+    expected = url.path + (f"?{url.query}" if url.query else "")
+    assert path_and_query(scope) == expected
+    # A query that is not UTF-8 (Starlette's URL cannot be built from it) is read, not refused with an error.
+    assert path_and_query({**scope, "query_string": b"a=\xff"}).endswith("?a=\ufffd")
