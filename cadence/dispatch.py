@@ -146,6 +146,18 @@ _CLEARED_FOR_CONTACTS = (
     )
 )
 
+#: The enrollment's other touches let go by their send-time checks since `since` (its budget counts them).
+_SPENT_SINCE = (
+    select(sa.func.count())
+    .select_from(Touch)
+    .where(
+        Touch.enrollment_id == sa.bindparam("enrollment_id"),
+        col(Touch.status).in_([TouchStatus.sending, TouchStatus.sent]),
+        col(Touch.cleared_at) >= sa.bindparam("since"),
+        col(Touch.id) != sa.bindparam("touch_id"),
+    )
+)
+
 #: When the contact's other touches since `since` were let go by their send-time checks (caps count them).
 _CLEARED_FOR_CONTACT = (
     select(Touch.cleared_at)
@@ -631,16 +643,9 @@ class Dispatcher:
             return None
         local = now.astimezone(zone)
         month = datetime(local.year, local.month, 1, tzinfo=zone)
-        spent = s.exec(
-            select(sa.func.count())
-            .select_from(Touch)
-            .where(
-                Touch.enrollment_id == touch.enrollment_id,
-                col(Touch.status).in_([TouchStatus.sending, TouchStatus.sent]),
-                col(Touch.cleared_at) >= month.astimezone(UTC),
-                col(Touch.id) != touch.id,
-            )
-        ).one()
+        since = month.astimezone(UTC)
+        parameters = {"enrollment_id": touch.enrollment_id, "since": since, "touch_id": touch.id}
+        spent = s.exec(_SPENT_SINCE, params=parameters).one()
         if spent < per_month:
             return None
         following = datetime(local.year + local.month // 12, local.month % 12 + 1, 1, tzinfo=zone)

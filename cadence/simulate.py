@@ -8,7 +8,10 @@ hours, blocks, caps, budgets, repeats, retries and the branches scripted outcome
 
 from __future__ import annotations
 
+import functools
 import re
+import sqlite3
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
@@ -227,9 +230,38 @@ class _Dry(Channel):
 
 
 def _in_memory() -> sa.Engine:
+    """A private in-memory database with the schema, copied from one made once (making it costs more than
+    a short simulation)."""
+    db = sa.create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
+    with db.connect() as connection, _copying:
+        _schema().backup(connection.connection.dbapi_connection)  # type: ignore[arg-type]
+    return db
+
+
+#: One copy of the schema at a time (simulations may run in several threads).
+_copying = threading.Lock()
+
+
+@functools.cache
+def _schema() -> sqlite3.Connection:
+    """An empty in-memory database with every table, kept to be copied."""
     db = sa.create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
     SQLModel.metadata.create_all(db)
-    return db
+    connection = db.raw_connection().dbapi_connection
+    assert isinstance(connection, sqlite3.Connection)
+    return connection
+
+
+#: The simulation's own queries, made once: the next touch due, and the earliest block to run out.
+_NEXT_DUE = (
+    select(Touch).where(Touch.status == TouchStatus.planned).order_by(col(Touch.due_at), col(Touch.id))
+)
+_BLOCK_ENDS = select(sa.func.min(Block.until)).where(col(Block.ended_seen_at).is_(None))
+_TOUCH_AND_ENROLLMENT = (
+    select(Touch, Enrollment)
+    .join(Enrollment, col(Enrollment.id) == col(Touch.enrollment_id))
+    .where(col(Touch.id) == sa.bindparam("touch_id"))
+)
 
 
 def run(
@@ -280,15 +312,9 @@ def run(
     timeline = _Timeline(db, zone)
     for _ in range(MAX_STEPS):
         with store.session(db) as s:
-            touch = s.exec(
-                select(Touch)
-                .where(Touch.status == TouchStatus.planned)
-                .order_by(col(Touch.due_at), col(Touch.id))
-            ).first()
+            touch = s.exec(_NEXT_DUE).first()
             due = touch.due_at if touch is not None else None
-            block_ends = s.exec(
-                select(sa.func.min(Block.until)).where(col(Block.ended_seen_at).is_(None))
-            ).one()
+            block_ends = s.exec(_BLOCK_ENDS).one()
             if block_ends is not None and (block_ends > end or (due is not None and block_ends > due)):
                 block_ends = None  # none runs out before the next touch, within the span
             outcome_first = bool(pending) and (due is None or pending[0][0] <= due) and pending[0][0] <= end
@@ -339,11 +365,7 @@ class _Timeline:
 
     def touched(self, touch_id: int, status: str, reason: str | None, now: datetime) -> None:
         with store.session(self.db) as s:
-            touch, enrollment = s.exec(
-                select(Touch, Enrollment)
-                .join(Enrollment, col(Enrollment.id) == col(Touch.enrollment_id))
-                .where(col(Touch.id) == touch_id)
-            ).one()
+            touch, enrollment = s.exec(_TOUCH_AND_ENROLLMENT, params={"touch_id": touch_id}).one()
             event = self._touches.get(touch_id)
             if event is None:
                 event = Event(now, self._local(now), "touch", enrollment.cadence_name, touch.step_index)
