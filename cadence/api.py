@@ -287,12 +287,17 @@ def _flag(params: QueryParams, name: str) -> bool | None:
     return None if raw is None else raw == "true"
 
 
-def _page(s: Session, query: Any, model: type[SQLModel], params: QueryParams) -> dict[str, Any]:
-    """One page of `query` in id order: `limit` rows after the row `cursor` names, and the next cursor."""
+def _limit(params: QueryParams) -> int:
+    """Rows a page may have: `limit`, else DEFAULT_LIMIT."""
     raw = params.get("limit")
     if raw is not None and (not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT):
         raise Refused(422, "invalid", f"limit is a whole number from 1 to {MAX_LIMIT}", "limit")
-    limit = int(raw) if raw else DEFAULT_LIMIT
+    return int(raw) if raw else DEFAULT_LIMIT
+
+
+def _page(s: Session, query: Any, model: type[SQLModel], params: QueryParams) -> dict[str, Any]:
+    """One page of `query` in id order: `limit` rows after the row `cursor` names, and the next cursor."""
+    limit = _limit(params)
     after = _int(params, "cursor")
     key = col(model.id)  # type: ignore[attr-defined]
     if after is not None:
@@ -483,10 +488,12 @@ OPERATIONS: list[Operation] = [
             Param("owner", _STR, "whose calls; a manager's key means its own"),
             Param("date", {"type": "string", "format": "date"}, "the contact's local date (default today)"),
             Param("status", _enum(_CALL_TASK_STATUSES), "open (default), done, cancelled or all"),
+            *PAGE,
         ),
         answer={"type": "object"},
         errors=(422,),
-        notes="A manager gets 403 asking for another owner.",
+        notes="Highest priority first, a page at a time: {date, owner, status, tasks, next_cursor}. A "
+        "manager gets 403 asking for another owner.",
     ),
     Operation(
         "GET",
@@ -1005,9 +1012,10 @@ def create_app(service: Service, background: bool = True) -> Starlette:
             owner = call.caller.owner
         status = _choice(p, "status", _CALL_TASK_STATUSES, "open") or "open"
         day = _day(p, "date") or service.clock().astimezone(local_zone).date()
-        return _JSON(_call_tasks(owner, day, status))
+        return _JSON(_call_tasks(owner, day, status, _limit(p), _int(p, "cursor") or 0))
 
-    def _call_tasks(owner: str | None, day: date, status: str) -> dict[str, Any]:
+    def _call_tasks(owner: str | None, day: date, status: str, limit: int, offset: int) -> dict[str, Any]:
+        """A page of the day's call tasks, highest priority first; the cursor counts the tasks before it."""
         with store.session(service.db) as s:
             query = select(CallTask).where(CallTask.due_date == day)
             if owner:
@@ -1015,8 +1023,15 @@ def create_app(service: Service, background: bool = True) -> Starlette:
             if status != "all":
                 query = query.where(CallTask.status == status)
             ordered = query.order_by(col(CallTask.priority).desc(), col(CallTask.due_at), col(CallTask.id))
-            tasks = s.exec(ordered).all()
-            return {"date": day, "owner": owner, "status": status, "tasks": task_views(s, tasks)}
+            tasks = s.exec(ordered.offset(offset).limit(limit + 1)).all()
+            following = str(offset + limit) if len(tasks) > limit else None
+            return {
+                "date": day,
+                "owner": owner,
+                "status": status,
+                "tasks": task_views(s, tasks[:limit]),
+                "next_cursor": following,
+            }
 
     # --- contacts, deals, touches ---------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, urlencode
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import sqlalchemy as sa
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
@@ -82,6 +83,9 @@ _ACT_NOTES = (
     "list's owner (a manager key with that owner) or an admin; the task must be open and on that list."
 )
 
+#: Calls a page of the list shows, the most urgent first: a day's work, however long the list has grown.
+CALLS_PER_PAGE = 50
+
 #: What these routes are, for the OpenAPI document (every route of the app must be in it).
 OPERATIONS: list[Operation] = [
     Operation(
@@ -96,13 +100,17 @@ OPERATIONS: list[Operation] = [
                 "tz", {"type": "string", "maxLength": 64}, "the manager's time zone (default the service's)"
             ),
             Param("format", {"type": "string", "enum": list(_FORMATS)}, "html (default), json or csv"),
+            Param(
+                "cursor", {"type": "string", "pattern": "^[0-9]{1,9}$"}, "`next_cursor` of the page before"
+            ),
         ),
         answer={"type": "string"},
         answer_type="text/html",
         errors=(422,),
         notes="Open call tasks due that day, and open ones overdue from earlier days first; then by "
-        "priority, highest first, then due time. `format=json` answers {owner, date, tz, tasks}; `csv` one "
-        "row per task. A manager gets 403 for another owner's list.",
+        f"priority, highest first, then due time; {CALLS_PER_PAGE} a page (the HTML page links to the "
+        "next). `format=json` answers {owner, date, tz, total, tasks, next_cursor}; `csv` one row per task, "
+        "all of them. A manager gets 403 for another owner's list.",
     ),
     Operation(
         "POST",
@@ -189,6 +197,15 @@ def _zone(raw: str | None, default: str) -> ZoneInfo:
         raise _Refused(422, "invalid", f"tz {name!r} is not a known time zone", "tz") from None
 
 
+def _offset(raw: str | None) -> int:
+    """Calls before the page a `cursor` names (0: the first page)."""
+    if raw is None:
+        return 0
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
+        raise _Refused(422, "invalid", "cursor is the next_cursor of the page before", "cursor")
+    return int(raw)
+
+
 def _day(raw: str | None, zone: ZoneInfo, now: datetime) -> date:
     if not raw:
         return now.astimezone(zone).date()
@@ -222,15 +239,41 @@ def _cell(value: Any) -> str:
     return text
 
 
-def calls_list(s: Session, owner: str, day: date, zone: ZoneInfo) -> list[dict[str, Any]]:
-    """The owner's open call tasks due by the end of `day` in `zone`: overdue first, then by priority
-    (highest first), then due time."""
+def _open_by(owner: str, day: date, zone: ZoneInfo) -> tuple[Any, datetime]:
+    """The condition for the owner's open calls due by the end of `day` in `zone`, and the day's start."""
     first = datetime.combine(day, time.min, tzinfo=zone)
     end = datetime.combine(day + timedelta(days=1), time.min, tzinfo=zone)
-    tasks = s.exec(
-        select(CallTask).where(CallTask.owner == owner, CallTask.status == "open", col(CallTask.due_at) < end)
-    ).all()
-    ordered = sorted(tasks, key=lambda t: (t.due_at >= first, -t.priority, t.due_at, t.id or 0))
+    return (
+        sa.and_(CallTask.owner == owner, CallTask.status == "open", col(CallTask.due_at) < end),  # type: ignore[arg-type]
+        first,
+    )
+
+
+def calls_count(s: Session, owner: str, day: date, zone: ZoneInfo) -> int:
+    """How many calls `calls_list` has in all."""
+    where, _ = _open_by(owner, day, zone)
+    return s.exec(select(sa.func.count()).select_from(CallTask).where(where)).one()
+
+
+def calls_list(
+    s: Session, owner: str, day: date, zone: ZoneInfo, *, offset: int = 0, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """The owner's open call tasks due by the end of `day` in `zone`: overdue first, then by priority
+    (highest first), then due time; `limit` of them after the first `offset`, or all."""
+    where, first = _open_by(owner, day, zone)
+    query = (
+        select(CallTask)
+        .where(where)
+        .order_by(
+            sa.case((col(CallTask.due_at) < first, 0), else_=1),
+            col(CallTask.priority).desc(),
+            col(CallTask.due_at),
+            col(CallTask.id),
+        )
+    )
+    if limit is not None:
+        query = query.offset(offset).limit(limit)
+    ordered = s.exec(query).all()
     found = []
     for task, view in zip(ordered, task_views(s, ordered), strict=True):
         deal = view["deal"]
@@ -307,10 +350,25 @@ def routes(service: Service) -> list[Route]:
         zone = _zone(p.get("tz"), settings.default_timezone)
         now = service.clock()
         day = _day(p.get("date"), zone, now)
+        offset = _offset(p.get("cursor"))
         with store.session(service.db) as s:
-            tasks = calls_list(s, owner, day, zone)
+            # A CSV is the whole list; a page shows the most urgent CALLS_PER_PAGE, the rest a page further.
+            limit = None if fmt == "csv" else CALLS_PER_PAGE
+            tasks = calls_list(s, owner, day, zone, offset=offset, limit=limit)
+            total = calls_count(s, owner, day, zone) if limit is not None else len(tasks)
+        following = offset + len(tasks)
+        next_cursor = str(following) if following < total else None
         if fmt == "json":
-            return _JSON({"owner": owner, "date": day, "tz": zone.key, "tasks": tasks})
+            return _JSON(
+                {
+                    "owner": owner,
+                    "date": day,
+                    "tz": zone.key,
+                    "total": total,
+                    "tasks": tasks,
+                    "next_cursor": next_cursor,
+                }
+            )
         if fmt == "csv":
             out = io.StringIO()
             writer = csv.writer(out)
@@ -344,6 +402,10 @@ def routes(service: Service) -> list[Route]:
             day=day.isoformat(),
             tz=zone.key,
             tasks=tasks,
+            total=total,
+            first=offset + 1,
+            next_url=f"{base}?{urlencode({**where, 'cursor': next_cursor})}" if next_cursor else None,
+            start_url=f"{base}?{urlencode(where)}" if offset else None,
             outcomes=CALL_OUTCOMES,
             tomorrow=tomorrow.isoformat(),
             json_url=f"{base}?{urlencode({**where, 'format': 'json'})}",

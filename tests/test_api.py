@@ -586,6 +586,29 @@ def test_call_tasks_of_another_owner_or_day_are_not_listed(api: Harness) -> None
     assert other_day["tasks"] == []
 
 
+def test_call_tasks_come_a_page_at_a_time_highest_priority_first(api: Harness) -> None:
+    for n, amount in enumerate([1000, 30000, 5000]):
+        event = deal_event(f"evt-{n}", deal_id=f"d-{n}", contact_id=f"c-{n}", amount=amount)
+        assert api.post("/webhooks/generic", event).status_code == 202
+    api.run_days(2)
+    day = {"owner": "ivan", "date": "2026-11-25"}
+
+    first = api.client.get("/call-tasks", params={**day, "limit": 2}).json()
+    rest = api.client.get("/call-tasks", params={**day, "limit": 2, "cursor": first["next_cursor"]}).json()
+    whole = api.client.get("/call-tasks", params=day).json()
+
+    assert first["next_cursor"] == "2" and rest["next_cursor"] is None and whole["next_cursor"] is None
+    assert [t["id"] for t in first["tasks"] + rest["tasks"]] == [t["id"] for t in whole["tasks"]]
+    priorities = [t["priority"] for t in whole["tasks"]]
+    assert (
+        len(priorities) == 3
+        and priorities == sorted(priorities, reverse=True)
+        and priorities[0] > priorities[2]
+    )
+    _assert_error(api.client.get("/call-tasks", params={**day, "limit": 0}), 422, "limit")
+    _assert_error(api.client.get("/call-tasks", params={**day, "cursor": "x"}), 422, "cursor")
+
+
 def test_call_task_is_listed_under_the_contacts_local_date(api: Harness) -> None:
     # Kiritimati is UTC+14: Monday 06:00 UTC is 20:00 there, after the window, so day 0 is Tuesday 09:00
     # local and business day 2 is Thursday 2026-11-26 09:00 local, which is still Wednesday in UTC.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,6 +17,7 @@ from sqlmodel import col, select
 
 from cadence import keys, store
 from cadence.models import CallTask, Enrollment, Touch, TouchStatus
+from cadence.pages import CALLS_PER_PAGE
 
 #: The day the open-deal cadence's first call is due (business day 2 after MONDAY).
 WEDNESDAY = "2026-11-25"
@@ -133,6 +135,38 @@ def test_overdue_tasks_come_first_then_priority_highest_first_then_due_time(h: H
         "reason 103",
         "reason 101",
     ]
+
+
+def test_a_long_list_comes_a_page_at_a_time_the_most_urgent_first(h: Harness) -> None:
+    """However long the list grows, a page holds CALLS_PER_PAGE calls, overdue and highest priority first;
+    the page says how many there are in all and links to the next; the CSV has them all."""
+    enrollment_id = _enroll(h)
+    at = datetime(2026, 11, 25, 9, tzinfo=UTC)
+    count = CALLS_PER_PAGE + 5
+    ids = [_seed(h, enrollment_id, 200 + n, at + timedelta(minutes=n), count - n) for n in range(count)]
+    overdue = _seed(h, enrollment_id, 199, at - timedelta(days=1), 0)
+    ordered = [overdue, *ids]  # overdue first, then by priority, highest first
+
+    first = h.client.get("/managers/ivan/calls", params={"date": WEDNESDAY, "format": "json"}).json()
+    assert (first["total"], first["next_cursor"]) == (count + 1, str(CALLS_PER_PAGE))
+    assert [t["id"] for t in first["tasks"]] == ordered[:CALLS_PER_PAGE]
+    rest = _calls(h, cursor=first["next_cursor"])
+    assert [t["id"] for t in rest] == ordered[CALLS_PER_PAGE:]
+
+    page = h.client.get("/managers/ivan/calls", params={"date": WEDNESDAY, "tz": "UTC"})
+    assert page.text.count('class="task') == CALLS_PER_PAGE
+    assert f"{count + 1} calls to make; here 1 to {CALLS_PER_PAGE}, the most urgent first" in page.text
+    [following] = re.findall(r'<a href="([^"]+)" rel="next">', page.text)
+    second = h.client.get(following.replace("&amp;", "&"))
+    assert second.text.count('class="task') == 6
+    assert f"here {CALLS_PER_PAGE + 1} to {count + 1}" in second.text
+    assert 'rel="next"' not in second.text and "Back to the most urgent calls" in second.text
+
+    csv_rows = h.client.get("/managers/ivan/calls", params={"date": WEDNESDAY, "format": "csv"}).text
+    assert len(csv_rows.strip().splitlines()) == count + 2  # a header, and every call
+
+    bad = h.client.get("/managers/ivan/calls", params={"date": WEDNESDAY, "cursor": "-1"})
+    _assert_error(bad, 422, "cursor")
 
 
 def test_the_day_is_the_managers_day_in_tz(h: Harness) -> None:
