@@ -4,8 +4,10 @@ Measures p50 and p95 over --requests requests of each of the two ways a manager 
 through real HTTP (`cadence serve`, uvicorn on loopback, API only: REDIS_URL points at a throwaway Redis so
 no scheduler or worker threads run in the server):
 
-- `GET /call-tasks?owner=&date=`: the JSON API (call tasks due that day);
+- `GET /call-tasks?owner=&date=`: the JSON API (call tasks due that day, highest priority first);
 - `GET /managers/{owner}/calls?date=&tz=`: the HTML page (open calls due by that day, overdue first).
+
+Both give a page at a time (50 calls, the API's default and the page's size), as a manager reads them.
 
 Target: p95 < 50 ms for each. The data: --touches call touches (1,000,000 by default) over the past year,
 for 10 steps of one enrollment per deal, deals spread over --managers (50): about 55 calls a manager a day.

@@ -2,11 +2,11 @@
 
 N enrollments each have a touch due now (an email or a call, the first step of a cadence written for the
 bench, with a second step so sending plans the next touch). The scheduler claims them here, in this process,
-and queues their ids on a throwaway Redis; `cadence worker` processes send them: late checks, render, file
-outbox (or a call task), receipt, next touch planned. The time runs from the first claim to the last touch
-finished, as the database records them. Dramatiq's floor: the same number of worker processes and threads
-on the same Redis, running a no-op actor (bench/noop_actor.py) on N messages queued before they start,
-timed from the first message processed to the last.
+and queues their ids on a throwaway Redis, a batch to a message; `cadence worker` processes send them: late
+checks, render, file outbox (or a call task), receipt, next touch planned. The time runs from the first
+claim to the last touch finished, as the database records them. Dramatiq's floor: the same number of worker
+processes and threads on the same Redis, running a no-op actor (bench/noop_actor.py) on N messages queued
+before they start, timed from the first message processed to the last.
 Each worker's RSS (with its children) is sampled every 100 ms during the Cadence run.
 
 Targets: Cadence at least 1,000 touches/s and at least half of Dramatiq's floor; each worker under 200 MB.
