@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -86,7 +86,11 @@ def _load_statement(touches: Any) -> Any:
 #: contact's row; for one touch, and for several.
 _LOAD = _load_statement(col(Touch.id) == sa.bindparam("touch_id"))
 _LOAD_LOCKING_CONTACT = _LOAD.with_for_update(of=Contact)
-_LOAD_MANY = _load_statement(col(Touch.id).in_(sa.bindparam("touch_ids", expanding=True)))
+# In the contacts' order, so two batches that share contacts lock them in the same order (PostgreSQL locks
+# rows as the sort gives them) and one waits for the other instead of both deadlocking.
+_LOAD_MANY = _load_statement(col(Touch.id).in_(sa.bindparam("touch_ids", expanding=True))).order_by(
+    col(Contact.id), col(Touch.id)
+)
 _LOAD_MANY_LOCKING_CONTACT = _LOAD_MANY.with_for_update(of=Contact)
 
 
@@ -192,7 +196,12 @@ _NOT_FAILED = _Failed(Result(0, TouchStatus.sent))
 #: Claimed touches a batch did not get to send: back to queued, as if never claimed. Made once.
 _HAND_BACK = (
     sa.update(Touch)
-    .where(col(Touch.id).in_(sa.bindparam("ids", expanding=True)), col(Touch.status) == TouchStatus.sending)
+    .where(
+        col(Touch.id).in_(sa.bindparam("ids", expanding=True)),
+        col(Touch.status) == TouchStatus.sending,
+        # Still this batch's claim: not one a worker made after the sweep took the touch back.
+        col(Touch.sending_at) == sa.bindparam("claimed_at"),
+    )
     .values(
         status=TouchStatus.queued,
         queued_at=sa.bindparam("queued_at"),
@@ -236,8 +245,8 @@ class Dispatcher:
         self.sender = sender
         self.clock = clock
         self.metrics = metrics
-        #: Seconds a batch's sends may run before the touches still waiting are handed back to go alone:
-        #: each was claimed when the batch began, and the lease counts from there.
+        #: Seconds after its claim a batch begins no more sends: the touches still waiting are handed back
+        #: to go alone, as the lease counts from the claim.
         self.batch_seconds = batch_seconds
 
     def dispatch(self, touch_id: int) -> Result:
@@ -260,17 +269,21 @@ class Dispatcher:
         self._sent(message)
         return Result(touch_id, TouchStatus.sent)
 
-    def dispatch_many(self, touch_ids: Sequence[int]) -> Batch:
+    def dispatch_many(
+        self, touch_ids: Sequence[int], send_alone: Callable[[list[int]], None] | None = None
+    ) -> Batch:
         """Send several touches with one transaction for all their late checks and one for all their
         records, instead of two each: what a worker does with a batch from the scheduler.
 
         Only touches whose channel is `batchable` (idempotent, and quick because it stays on this machine)
-        go through the batch; the others are left queued and listed in `alone`, for a message each, as are
-        those whose turn comes after `batch_seconds` of sending. An error in the late checks rolls back
-        every claim and is raised: the caller then gives each touch a message of its own.
+        go through the batch; the others are left queued and listed in `alone`, as are those whose turn
+        comes `batch_seconds` after the batch's claim; `send_alone`, if given, gets each lot as soon as it
+        is known, to give each touch a message of its own. An error in the late checks rolls back every
+        claim and is raised: the caller then gives each touch a message of its own.
         """
         batch = Batch()
         prepared: list[Message] = []
+        began = time.monotonic()  # the claim's, which the lease counts from
         with store.session(self.db) as s:
             rows = _load_many(s, touch_ids, lock_contact=self._locks_contact())
             together: list[_Loaded] = []
@@ -280,7 +293,7 @@ class Dispatcher:
                     batch.alone.append(touch_id)
                 else:
                     together.append(loaded)
-            claimed = self._claim_all(s, [loaded.touch for loaded in together])
+            claimed, claimed_at = self._claim_all(s, [loaded.touch for loaded in together])
             cleared = self._cleared_for_contacts(s, {loaded.enrollment.contact_id for loaded in together})
             for loaded in together:
                 if loaded.touch.id not in claimed:
@@ -293,10 +306,11 @@ class Dispatcher:
                 prepared.append(message)
                 if cleared is not None:  # counted by the caps of the contact's touches after it
                     cleared[loaded.enrollment.contact_id].append((message.touch_id, loaded.touch.cleared_at))
+        self._let_go(batch.alone, send_alone)
         # What went out, with its receipt; None for a channel whose delivery is a row of this database,
         # made in the transaction that records it.
         sent: list[tuple[Message, Receipt | None]] = []
-        began, started = time.monotonic(), 0  # sends begun
+        started = 0  # sends begun
         try:
             for message in prepared:
                 if time.monotonic() - began > self.batch_seconds:
@@ -313,12 +327,26 @@ class Dispatcher:
                 if failed.retry:
                     batch.retries.append((message.touch_id, failed.attempts))
         finally:
-            # Even when interrupted (a time limit), what went out is recorded and what was not begun is
-            # handed back; a send in flight stays `sending` for the sweep, which may repeat it, as every
+            # Even when interrupted (a time limit), what was not begun is handed back and what went out
+            # is recorded; a send in flight stays `sending` for the sweep, which may repeat it, as every
             # batchable channel is idempotent.
-            self._record_all(sent, batch)
-            batch.alone.extend(self._hand_back([m.touch_id for m in prepared[started:]]))
+            try:
+                late = self._hand_back([m.touch_id for m in prepared[started:]], claimed_at)
+                batch.alone.extend(late)
+                self._let_go(late, send_alone)
+            finally:
+                self._record_all(sent, batch)
         return batch
+
+    @staticmethod
+    def _let_go(touch_ids: list[int], send_alone: Callable[[list[int]], None] | None) -> None:
+        """Hand touches left queued to go alone; if that fails, the sweep finds them after the lease."""
+        if not touch_ids or send_alone is None:
+            return
+        try:
+            send_alone(touch_ids)
+        except Exception:
+            log.warning("queuing touches alone failed", exc_info=True, extra={"touches": touch_ids})
 
     def _send(self, message: Message) -> tuple[Receipt | None, _Failed]:
         """The channel's receipt, or (None, how the touch was left) when nothing was delivered."""
@@ -339,12 +367,13 @@ class Dispatcher:
             "touch sent", extra={"touch": message.key, "channel": message.channel, "reason": message.reason}
         )
 
-    def _hand_back(self, touch_ids: list[int]) -> list[int]:
+    def _hand_back(self, touch_ids: list[int], claimed_at: datetime | None) -> list[int]:
         """Claimed touches a batch did not get to: queued again, the attempt uncounted; those handed back."""
         if not touch_ids:
             return []
+        parameters = {"ids": touch_ids, "queued_at": self.clock(), "claimed_at": claimed_at}
         with self.db.begin() as connection:
-            rows = connection.execute(_HAND_BACK, {"ids": touch_ids, "queued_at": self.clock()}).all()
+            rows = connection.execute(_HAND_BACK, parameters).all()
         return [row[0] or 0 for row in rows]
 
     def _batchable(self, s: Session, loaded: _Loaded) -> bool:
@@ -356,12 +385,12 @@ class Dispatcher:
         options = point.choose if point is not None else ()
         return all(getattr(self.channels.get(option.channel), "batchable", False) for option in options)
 
-    def _claim_all(self, s: Session, touches: list[Touch]) -> set[int]:
-        """`_claim` for a batch's touches in one statement; the ids of those claimed."""
+    def _claim_all(self, s: Session, touches: list[Touch]) -> tuple[set[int], datetime]:
+        """`_claim` for a batch's touches in one statement; the ids of those claimed, and when."""
+        now = self.clock()
         queued = [touch for touch in touches if touch.status == TouchStatus.queued]
         if not queued:
-            return set()
-        now = self.clock()
+            return set(), now
         ids = [touch.id for touch in queued]
         rows = s.connection().execute(
             _CLAIM_ALL, {"ids": ids, "queued": TouchStatus.queued, "sending_at": now}
@@ -372,7 +401,7 @@ class Dispatcher:
                 set_committed_value(touch, "status", TouchStatus.sending)
                 set_committed_value(touch, "sending_at", now)
                 set_committed_value(touch, "attempts", touch.attempts + 1)
-        return claimed
+        return claimed, now
 
     def _cleared_for_contacts(self, s: Session, contacts: set[int]) -> _Cleared | None:
         """For the caps, when each contact's touches were let go in the last eight days, with their ids,

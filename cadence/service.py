@@ -97,7 +97,9 @@ class Service:
             settings.sender(),
             clock,
             self.metrics,
-            batch_seconds=settings.send_time_limit_seconds,
+            # Half a send's limit to begin sends, the other half for the last of them and the record: the
+            # batch ends within one send's limit of its claim, well inside the lease, as one touch does.
+            batch_seconds=settings.send_time_limit_seconds / 2,
         )
         #: The webhook adapters, by source, made once.
         self.adapters = adapters()
@@ -266,10 +268,9 @@ class Service:
 
     def _queue_all(self, touch_ids: list[int]) -> None:
         """Touches claimed by the scheduler: BATCH_SIZE to a message, sent together where their channels
-        allow (see `Dispatcher.dispatch_many`); a batch's time limit is its touches' limits added up."""
+        allow (see `Dispatcher.dispatch_many`); a batch has one send's time limit."""
         batches = [touch_ids[n : n + BATCH_SIZE] for n in range(0, len(touch_ids), BATCH_SIZE)]
-        limit_ms = self.settings.send_time_limit_seconds * 1000
-        brokers.send_all(self.batch_actor, batches, time_limit=limit_ms * BATCH_SIZE)
+        brokers.send_all(self.batch_actor, batches, time_limit=self.settings.send_time_limit_seconds * 1000)
 
     def _queue_each(self, touch_ids: list[int]) -> None:
         brokers.send_all(self.actor, touch_ids, time_limit=self.settings.send_time_limit_seconds * 1000)
@@ -278,12 +279,11 @@ class Service:
         """A worker's batch: what may go together goes together, the rest in a message each; after any
         error or time limit, each touch gets a message of its own (one already sent finds nothing to do)."""
         try:
-            batch = self.dispatcher.dispatch_many(touch_ids)
+            batch = self.dispatcher.dispatch_many(touch_ids, self._queue_each)
         except (Exception, TimeLimitExceeded):
             log.exception("a batch of touches failed; each is queued alone", extra={"touches": touch_ids})
             self._queue_each(touch_ids)
             return
-        self._queue_each(batch.alone)
         limit_ms = self.settings.send_time_limit_seconds * 1000
         for touch_id, attempts in batch.retries:
             delay = brokers.retry_delay_ms(attempts)

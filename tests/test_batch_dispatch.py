@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -308,7 +309,9 @@ def test_the_scheduler_queues_its_touches_in_batches(
     sizes: list[int] = []
     dispatch_many = harness.service.dispatcher.dispatch_many
     monkeypatch.setattr(
-        harness.service.dispatcher, "dispatch_many", lambda ids: sizes.append(len(ids)) or dispatch_many(ids)
+        harness.service.dispatcher,
+        "dispatch_many",
+        lambda ids, *rest: sizes.append(len(ids)) or dispatch_many(ids, *rest),
     )
     harness.run_days(1)
     assert sorted(sizes) == [4, BATCH_SIZE]
@@ -317,3 +320,56 @@ def test_the_scheduler_queues_its_touches_in_batches(
 
 def test_a_retry_waits_as_the_brokers_own_retries_do() -> None:
     assert [brokers.retry_delay_ms(n) for n in (1, 2, 3, 4)] == [2000, 4000, 8000, 16000]
+
+
+def test_touches_that_go_alone_are_handed_on_before_the_batch_sends(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = enroll(harness, "sms", 2) + enroll(harness, "email", 2)
+    order: list[str] = []
+    send = EmailOutbox.send
+    monkeypatch.setattr(EmailOutbox, "send", lambda self, m: order.append("email") or send(self, m))
+    batch = harness.service.dispatcher.dispatch_many(ids, lambda alone: order.append(f"alone {alone}"))
+    assert order == [f"alone {ids[:2]}", "email", "email"]
+    assert batch.alone == ids[:2]
+
+
+def test_a_hand_back_leaves_a_touch_another_worker_claimed_since(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch slow enough for the sweep to take a touch back and another worker to claim it: handing the
+    batch's rest back must not undo that worker's claim."""
+    ids = enroll(harness, "email", 2)
+    dispatcher = harness.service.dispatcher
+    dispatcher.batch_seconds = -1.0  # nothing begun: both are handed back, but for the one claimed since
+    hand_back = Dispatcher._hand_back
+    later = harness.clock() + timedelta(minutes=10)
+
+    def claimed_meanwhile(self: Dispatcher, touch_ids: list[int], claimed_at: Any) -> list[int]:
+        with store.session(harness.service.db) as s:
+            other = s.get_one(Touch, ids[1])
+            other.sending_at, other.attempts = later, other.attempts + 1  # the sweep, then another claim
+        return hand_back(self, touch_ids, claimed_at)
+
+    monkeypatch.setattr(Dispatcher, "_hand_back", claimed_meanwhile)
+    batch = dispatcher.dispatch_many(ids)
+    assert batch.alone == [ids[0]]
+    first, second = touch(harness, ids[0]), touch(harness, ids[1])
+    assert (first.status, first.attempts) == (TouchStatus.queued, 0)
+    assert (second.status, second.attempts, second.sending_at) == (TouchStatus.sending, 2, later)
+
+
+def test_a_batch_whose_record_fails_still_hands_back_what_it_did_not_begin(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = enroll(harness, "email", 2)
+    dispatcher = harness.service.dispatcher
+    dispatcher.batch_seconds = -1.0
+
+    def fails(self: Dispatcher, sent: Any, batch: Any) -> None:
+        raise RuntimeError("the disk is full")
+
+    monkeypatch.setattr(Dispatcher, "_record_all", fails)
+    with pytest.raises(RuntimeError):
+        dispatcher.dispatch_many(ids)
+    assert [touch(harness, i).status for i in ids] == [TouchStatus.queued] * 2
