@@ -51,7 +51,7 @@ from cadence.rules import load as load_rules
 from cadence.rules import rule_files
 from cadence.sandbox import template_environment
 from cadence.service import Service, run_embedded
-from channels.call import task_views
+from channels.call import following, task_views
 
 log = logging.getLogger(__name__)
 
@@ -1012,25 +1012,32 @@ def create_app(service: Service, background: bool = True) -> Starlette:
             owner = call.caller.owner
         status = _choice(p, "status", _CALL_TASK_STATUSES, "open") or "open"
         day = _day(p, "date") or service.clock().astimezone(local_zone).date()
-        return _JSON(_call_tasks(owner, day, status, _limit(p), _int(p, "cursor") or 0))
+        return _JSON(_call_tasks(owner, day, status, _limit(p), _int(p, "cursor")))
 
-    def _call_tasks(owner: str | None, day: date, status: str, limit: int, offset: int) -> dict[str, Any]:
-        """A page of the day's call tasks, highest priority first; the cursor counts the tasks before it."""
+    def _call_tasks(
+        owner: str | None, day: date, status: str, limit: int, after: int | None
+    ) -> dict[str, Any]:
+        """A page of the day's call tasks, highest priority first, after the task `after`."""
         with store.session(service.db) as s:
             query = select(CallTask).where(CallTask.due_date == day)
             if owner:
                 query = query.where(CallTask.owner == owner)
             if status != "all":
                 query = query.where(CallTask.status == status)
-            ordered = query.order_by(col(CallTask.priority).desc(), col(CallTask.due_at), col(CallTask.id))
-            tasks = s.exec(ordered.offset(offset).limit(limit + 1)).all()
-            following = str(offset + limit) if len(tasks) > limit else None
+            order = (col(CallTask.priority).desc(), col(CallTask.due_at), col(CallTask.id))
+            if after is not None:
+                mark = s.get(CallTask, after)
+                if mark is None:
+                    raise Refused(422, "invalid", "cursor is the next_cursor of the page before", "cursor")
+                query = query.where(following(order, (mark.priority, mark.due_at, mark.id)))
+            tasks = s.exec(query.order_by(*order).limit(limit + 1)).all()
+            page = tasks[:limit]
             return {
                 "date": day,
                 "owner": owner,
                 "status": status,
-                "tasks": task_views(s, tasks[:limit]),
-                "next_cursor": following,
+                "tasks": task_views(s, page),
+                "next_cursor": str(page[-1].id) if len(tasks) > limit else None,
             }
 
     # --- contacts, deals, touches ---------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from cadence import keys, store
 from cadence.language import OutcomeName
 from cadence.models import CallTask, Contact
 from cadence.openapi import Operation, Param
-from channels.call import task_views
+from channels.call import following, task_views
 
 if TYPE_CHECKING:
     from cadence.service import Service
@@ -100,9 +100,7 @@ OPERATIONS: list[Operation] = [
                 "tz", {"type": "string", "maxLength": 64}, "the manager's time zone (default the service's)"
             ),
             Param("format", {"type": "string", "enum": list(_FORMATS)}, "html (default), json or csv"),
-            Param(
-                "cursor", {"type": "string", "pattern": "^[0-9]{1,9}$"}, "`next_cursor` of the page before"
-            ),
+            Param("cursor", {"type": "string", "pattern": "^[1-9][0-9]{0,17}$"}, "a page's `next_cursor`"),
         ),
         answer={"type": "string"},
         answer_type="text/html",
@@ -197,11 +195,11 @@ def _zone(raw: str | None, default: str) -> ZoneInfo:
         raise _Refused(422, "invalid", f"tz {name!r} is not a known time zone", "tz") from None
 
 
-def _offset(raw: str | None) -> int:
-    """Calls before the page a `cursor` names (0: the first page)."""
+def _cursor(raw: str | None) -> int | None:
+    """The call a page follows, as its `cursor` names it (None: the first page)."""
     if raw is None:
-        return 0
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
+        return None
+    if not raw.isascii() or not raw.isdigit() or not 1 <= len(raw) <= 18 or raw.startswith("0"):
         raise _Refused(422, "invalid", "cursor is the next_cursor of the page before", "cursor")
     return int(raw)
 
@@ -256,23 +254,22 @@ def calls_count(s: Session, owner: str, day: date, zone: ZoneInfo) -> int:
 
 
 def calls_list(
-    s: Session, owner: str, day: date, zone: ZoneInfo, *, offset: int = 0, limit: int | None = None
+    s: Session, owner: str, day: date, zone: ZoneInfo, *, after: int | None = None, limit: int | None = None
 ) -> list[dict[str, Any]]:
     """The owner's open call tasks due by the end of `day` in `zone`: overdue first, then by priority
-    (highest first), then due time; `limit` of them after the first `offset`, or all."""
+    (highest first), then due time; `limit` of them after call `after`, or all."""
     where, first = _open_by(owner, day, zone)
-    query = (
-        select(CallTask)
-        .where(where)
-        .order_by(
-            sa.case((col(CallTask.due_at) < first, 0), else_=1),
-            col(CallTask.priority).desc(),
-            col(CallTask.due_at),
-            col(CallTask.id),
-        )
-    )
+    overdue = sa.case((col(CallTask.due_at) < first, 0), else_=1)
+    order = (overdue, col(CallTask.priority).desc(), col(CallTask.due_at), col(CallTask.id))
+    query = select(CallTask).where(where).order_by(*order)
+    if after is not None:
+        mark = s.get(CallTask, after)
+        if mark is None:
+            raise _Refused(422, "invalid", "cursor is the next_cursor of the page before", "cursor")
+        values = (0 if mark.due_at < first else 1, mark.priority, mark.due_at, mark.id)
+        query = query.where(following(order, values))
     if limit is not None:
-        query = query.offset(offset).limit(limit)
+        query = query.limit(limit)
     ordered = s.exec(query).all()
     found = []
     for task, view in zip(ordered, task_views(s, ordered), strict=True):
@@ -350,14 +347,16 @@ def routes(service: Service) -> list[Route]:
         zone = _zone(p.get("tz"), settings.default_timezone)
         now = service.clock()
         day = _day(p.get("date"), zone, now)
-        offset = _offset(p.get("cursor"))
+        after = _cursor(p.get("cursor"))
         with store.session(service.db) as s:
             # A CSV is the whole list; a page shows the most urgent CALLS_PER_PAGE, the rest a page further.
-            limit = None if fmt == "csv" else CALLS_PER_PAGE
-            tasks = calls_list(s, owner, day, zone, offset=offset, limit=limit)
-            total = calls_count(s, owner, day, zone) if limit is not None else len(tasks)
-        following = offset + len(tasks)
-        next_cursor = str(following) if following < total else None
+            if fmt == "csv":
+                tasks, more = calls_list(s, owner, day, zone), False
+            else:
+                tasks = calls_list(s, owner, day, zone, after=after, limit=CALLS_PER_PAGE + 1)
+                tasks, more = tasks[:CALLS_PER_PAGE], len(tasks) > CALLS_PER_PAGE
+            total = calls_count(s, owner, day, zone)
+        next_cursor = str(tasks[-1]["id"]) if more else None
         if fmt == "json":
             return _JSON(
                 {
@@ -403,9 +402,9 @@ def routes(service: Service) -> list[Route]:
             tz=zone.key,
             tasks=tasks,
             total=total,
-            first=offset + 1,
+            cursor=after,
             next_url=f"{base}?{urlencode({**where, 'cursor': next_cursor})}" if next_cursor else None,
-            start_url=f"{base}?{urlencode(where)}" if offset else None,
+            start_url=f"{base}?{urlencode(where)}" if after else None,
             outcomes=CALL_OUTCOMES,
             tomorrow=tomorrow.isoformat(),
             json_url=f"{base}?{urlencode({**where, 'format': 'json'})}",
@@ -455,6 +454,9 @@ def routes(service: Service) -> list[Route]:
         raw_day = text_field(data, "date", 10)
         if raw_day is not None:
             where["date"] = _day(raw_day, ZoneInfo("UTC"), service.clock()).isoformat()
+        cursor = _cursor(text_field(data, "cursor", 18))
+        if cursor is not None:  # back to the page the form was on
+            where["cursor"] = str(cursor)
         query = f"?{urlencode(where)}" if where else ""
         return RedirectResponse(f"/managers/{quote(owner, safe='')}/calls{query}", status_code=303)
 

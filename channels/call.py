@@ -32,6 +32,24 @@ def script_html(script: str) -> str:
     return converter.reset().convert(script.replace("&", "&amp;").replace("<", "&lt;"))
 
 
+def following(order: Sequence[Any], values: Sequence[Any]) -> Any:
+    """The condition for the rows that come after a row in `order` (ORDER BY terms, ascending or `.desc()`),
+    `values` being that row's values of the same terms: a page of a list follows the row it ended with, so
+    rows done or added meanwhile do not make the next page skip or repeat any."""
+    either = []
+    for n, term in enumerate(order):
+        same = [_column(order[m]) == values[m] for m in range(n)]
+        descending = getattr(term, "modifier", None) is sa.sql.operators.desc_op
+        beyond = _column(term) < values[n] if descending else _column(term) > values[n]
+        either.append(sa.and_(*same, beyond))
+    return sa.or_(*either)
+
+
+def _column(term: Any) -> Any:
+    """An ORDER BY term without its direction."""
+    return term.element if getattr(term, "modifier", None) is sa.sql.operators.desc_op else term
+
+
 def _latest(partition: Any, order: Any) -> Any:
     return sa.func.row_number().over(partition_by=partition, order_by=order).label("n")
 

@@ -148,25 +148,46 @@ def test_a_long_list_comes_a_page_at_a_time_the_most_urgent_first(h: Harness) ->
     ordered = [overdue, *ids]  # overdue first, then by priority, highest first
 
     first = h.client.get("/managers/ivan/calls", params={"date": WEDNESDAY, "format": "json"}).json()
-    assert (first["total"], first["next_cursor"]) == (count + 1, str(CALLS_PER_PAGE))
+    assert (first["total"], first["next_cursor"]) == (count + 1, str(ordered[CALLS_PER_PAGE - 1]))
     assert [t["id"] for t in first["tasks"]] == ordered[:CALLS_PER_PAGE]
     rest = _calls(h, cursor=first["next_cursor"])
     assert [t["id"] for t in rest] == ordered[CALLS_PER_PAGE:]
 
     page = h.client.get("/managers/ivan/calls", params={"date": WEDNESDAY, "tz": "UTC"})
     assert page.text.count('class="task') == CALLS_PER_PAGE
-    assert f"{count + 1} calls to make; here 1 to {CALLS_PER_PAGE}, the most urgent first" in page.text
+    assert f"{count + 1} calls to make; {CALLS_PER_PAGE} on this page, the most urgent first" in page.text
     [following] = re.findall(r'<a href="([^"]+)" rel="next">', page.text)
     second = h.client.get(following.replace("&amp;", "&"))
     assert second.text.count('class="task') == 6
-    assert f"here {CALLS_PER_PAGE + 1} to {count + 1}" in second.text
+    assert "6 on this page, the most urgent after the pages before" in second.text
     assert 'rel="next"' not in second.text and "Back to the most urgent calls" in second.text
 
     csv_rows = h.client.get("/managers/ivan/calls", params={"date": WEDNESDAY, "format": "csv"}).text
     assert len(csv_rows.strip().splitlines()) == count + 2  # a header, and every call
 
-    bad = h.client.get("/managers/ivan/calls", params={"date": WEDNESDAY, "cursor": "-1"})
-    _assert_error(bad, 422, "cursor")
+    for cursor in ("-1", "0", "x", "999999"):
+        bad = h.client.get("/managers/ivan/calls", params={"date": WEDNESDAY, "cursor": cursor})
+        _assert_error(bad, 422, "cursor")
+
+
+def test_calls_done_meanwhile_do_not_make_the_next_page_skip_any(h: Harness) -> None:
+    """The next page follows the last call of the page before, not a count of calls: a manager who works
+    through the first page and then asks for the next misses nothing."""
+    enrollment_id = _enroll(h)
+    at = datetime(2026, 11, 25, 9, tzinfo=UTC)
+    count = CALLS_PER_PAGE + 5
+    ids = [_seed(h, enrollment_id, 200 + n, at + timedelta(minutes=n), count - n) for n in range(count)]
+    first = h.client.get("/managers/ivan/calls", params={"date": WEDNESDAY, "format": "json"}).json()
+    for done in ids[:10]:  # ten calls of the first page logged, from the page, which keeps its place
+        response = h.client.post(
+            f"/managers/ivan/calls/{done}/outcome",
+            data={"outcome": "no_answer", "date": WEDNESDAY, "tz": "UTC", "cursor": first["next_cursor"]},
+            headers=FORM,
+            follow_redirects=False,
+        )
+        assert response.status_code == 303
+        assert f"cursor={first['next_cursor']}" in response.headers["location"]
+    assert [t["id"] for t in _calls(h, cursor=first["next_cursor"])] == ids[CALLS_PER_PAGE:]
 
 
 def test_the_day_is_the_managers_day_in_tz(h: Harness) -> None:
