@@ -270,7 +270,10 @@ class Dispatcher:
         return Result(touch_id, TouchStatus.sent)
 
     def dispatch_many(
-        self, touch_ids: Sequence[int], send_alone: Callable[[list[int]], None] | None = None
+        self,
+        touch_ids: Sequence[int],
+        send_alone: Callable[[list[int]], None] | None = None,
+        batch: Batch | None = None,
     ) -> Batch:
         """Send several touches with one transaction for all their late checks and one for all their
         records, instead of two each: what a worker does with a batch from the scheduler.
@@ -279,9 +282,10 @@ class Dispatcher:
         go through the batch; the others are left queued and listed in `alone`, as are those whose turn
         comes `batch_seconds` after the batch's claim; `send_alone`, if given, gets each lot as soon as it
         is known, to give each touch a message of its own. An error in the late checks rolls back every
-        claim and is raised: the caller then gives each touch a message of its own.
+        claim and is raised: the caller then gives each touch a message of its own. What was done goes to
+        `batch` (a new one unless given), so a caller that catches an error still has it.
         """
-        batch = Batch()
+        batch = batch if batch is not None else Batch()
         prepared: list[Message] = []
         began = time.monotonic()  # the claim's, which the lease counts from
         with store.session(self.db) as s:

@@ -20,7 +20,7 @@ from cadence import rules as ruleset
 from cadence.clock import Clock, system_clock
 from cadence.crm import adapters
 from cadence.digest import Digests
-from cadence.dispatch import BATCH_SIZE, Dispatcher
+from cadence.dispatch import BATCH_SIZE, Batch, Dispatcher
 from cadence.engine import Engine, pick_variant, stable_fraction
 from cadence.errors import RulesError
 from cadence.inbox import Inbox, Reader
@@ -278,12 +278,13 @@ class Service:
     def _dispatch_batch(self, touch_ids: list[int]) -> None:
         """A worker's batch: what may go together goes together, the rest in a message each; after any
         error or time limit, each touch gets a message of its own (one already sent finds nothing to do)."""
+        batch = Batch()
         try:
-            batch = self.dispatcher.dispatch_many(touch_ids, self._queue_each)
+            self.dispatcher.dispatch_many(touch_ids, self._queue_each, batch)
         except (Exception, TimeLimitExceeded):
             log.exception("a batch of touches failed; each is queued alone", extra={"touches": touch_ids})
-            self._queue_each(touch_ids)
-            return
+            waiting = {touch_id for touch_id, _ in batch.retries}  # these keep their pause before a retry
+            self._queue_each([touch_id for touch_id in touch_ids if touch_id not in waiting])
         limit_ms = self.settings.send_time_limit_seconds * 1000
         for touch_id, attempts in batch.retries:
             delay = brokers.retry_delay_ms(attempts)

@@ -373,3 +373,30 @@ def test_a_batch_whose_record_fails_still_hands_back_what_it_did_not_begin(
     with pytest.raises(RuntimeError):
         dispatcher.dispatch_many(ids)
     assert [touch(harness, i).status for i in ids] == [TouchStatus.queued] * 2
+
+
+def test_after_a_batch_error_a_touch_waiting_for_its_retry_keeps_its_pause(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = enroll(harness, "email", 3)
+    unlucky = touch(harness, ids[1]).key
+    send = EmailOutbox.send
+
+    def refuses(self: EmailOutbox, message: Any) -> Any:
+        if message.key == unlucky:
+            raise TransientError("mail relay busy")
+        return send(self, message)
+
+    def fails(self: Dispatcher, sent: Any, batch: Any) -> None:
+        raise RuntimeError("the disk is full")
+
+    monkeypatch.setattr(EmailOutbox, "send", refuses)
+    monkeypatch.setattr(Dispatcher, "_record_all", fails)
+    alone: list[list[int]] = []
+    later: list[dict[str, Any]] = []
+    service = harness.service
+    monkeypatch.setattr(service, "_queue_each", alone.append)
+    monkeypatch.setattr(service.actor, "send_with_options", lambda **o: later.append(o))
+    service._dispatch_batch(ids)
+    assert alone == [[ids[0], ids[2]]]  # at once, as the batch failed
+    assert [(o["args"], o["delay"]) for o in later] == [((ids[1],), 2000)]  # after the broker's pause
