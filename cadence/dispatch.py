@@ -48,8 +48,6 @@ RECORD_ATTEMPTS = 5
 RECORD_BACKOFF_SECONDS = 0.5
 #: Touches one worker message from the scheduler carries (see `Dispatcher.dispatch_many`).
 BATCH_SIZE = 32
-#: A touch's status in a batch's results when it is sent alone instead (see `Dispatcher.dispatch_many`).
-ALONE = "alone"
 
 
 class _Loaded(NamedTuple):
@@ -114,14 +112,6 @@ def _load_many(s: Session, touch_ids: Sequence[int], *, lock_contact: bool = Fal
     return {row[0].id: _Loaded(*row) for row in rows}
 
 
-#: Queued to sending, by whoever updates it first; the others find it no longer queued. Made once.
-_CLAIM = (
-    sa.update(Touch)
-    .where(col(Touch.id) == sa.bindparam("touch_id"), col(Touch.status) == sa.bindparam("queued"))
-    .values(status=TouchStatus.sending, sending_at=sa.bindparam("sending_at"), attempts=Touch.attempts + 1)
-)
-
-
 #: Days back the caps look at a contact's touches: a week, and a day for the time zones.
 CAPS_LOOK_BACK_DAYS = 8
 #: Why a touch was not claimed.
@@ -129,7 +119,8 @@ _NOT_QUEUED = "not queued: already sent, being sent, or cancelled"
 #: For the caps, by contact: its touches let go by their send-time checks, (touch id, when).
 _Cleared = dict[int, list[tuple[int, datetime | None]]]
 
-#: The batch's claim: `_CLAIM` for several touches, returning the ids it took. Made once.
+#: Queued to sending, by whoever updates it first; the others find it no longer queued; the ids it took.
+#: Made once.
 _CLAIM_ALL = (
     sa.update(Touch)
     .where(
@@ -390,7 +381,7 @@ class Dispatcher:
         return all(getattr(self.channels.get(option.channel), "batchable", False) for option in options)
 
     def _claim_all(self, s: Session, touches: list[Touch]) -> tuple[set[int], datetime]:
-        """`_claim` for a batch's touches in one statement; the ids of those claimed, and when."""
+        """`_claim` for several touches in one statement; the ids of those claimed, and when."""
         now = self.clock()
         queued = [touch for touch in touches if touch.status == TouchStatus.queued]
         if not queued:
@@ -425,18 +416,8 @@ class Dispatcher:
         """Take the touch from queued to sending; False if it is not queued (already sent, being sent, or
         cancelled). The update's condition decides between two workers holding the same message: the second
         waits for the first's transaction and then finds the touch no longer queued."""
-        if touch.status != TouchStatus.queued:
-            return False
-        now = self.clock()
-        claimed = s.connection().execute(
-            _CLAIM, {"touch_id": touch.id, "queued": TouchStatus.queued, "sending_at": now}
-        )
-        if not claimed.rowcount:
-            return False
-        set_committed_value(touch, "status", TouchStatus.sending)
-        set_committed_value(touch, "sending_at", now)
-        set_committed_value(touch, "attempts", touch.attempts + 1)
-        return True
+        claimed, _ = self._claim_all(s, [touch])
+        return touch.id in claimed
 
     def _give_back(self, touch_id: int, why: str) -> None:
         with store.session(self.db) as s:

@@ -351,11 +351,12 @@ def routes(service: Service) -> list[Route]:
         with store.session(service.db) as s:
             # A CSV is the whole list; a page shows the most urgent CALLS_PER_PAGE, the rest a page further.
             if fmt == "csv":
-                tasks, more = calls_list(s, owner, day, zone), False
+                tasks, more, after = calls_list(s, owner, day, zone), False, None
             else:
                 tasks = calls_list(s, owner, day, zone, after=after, limit=CALLS_PER_PAGE + 1)
                 tasks, more = tasks[:CALLS_PER_PAGE], len(tasks) > CALLS_PER_PAGE
-            total = calls_count(s, owner, day, zone)
+            # A whole list counts itself; a page asks how many there are in all.
+            total = len(tasks) if after is None and not more else calls_count(s, owner, day, zone)
         next_cursor = str(tasks[-1]["id"]) if more else None
         if fmt == "json":
             return _JSON(

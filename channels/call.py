@@ -36,18 +36,17 @@ def following(order: Sequence[Any], values: Sequence[Any]) -> Any:
     """The condition for the rows that come after a row in `order` (ORDER BY terms, ascending or `.desc()`),
     `values` being that row's values of the same terms: a page of a list follows the row it ended with, so
     rows done or added meanwhile do not make the next page skip or repeat any."""
+    columns = [(term.element, True) if _descending(term) else (term, False) for term in order]
     either = []
-    for n, term in enumerate(order):
-        same = [_column(order[m]) == values[m] for m in range(n)]
-        descending = getattr(term, "modifier", None) is sa.sql.operators.desc_op
-        beyond = _column(term) < values[n] if descending else _column(term) > values[n]
+    for n, (column, descending) in enumerate(columns):
+        same = [columns[m][0] == values[m] for m in range(n)]
+        beyond = column < values[n] if descending else column > values[n]
         either.append(sa.and_(*same, beyond))
     return sa.or_(*either)
 
 
-def _column(term: Any) -> Any:
-    """An ORDER BY term without its direction."""
-    return term.element if getattr(term, "modifier", None) is sa.sql.operators.desc_op else term
+def _descending(term: Any) -> bool:
+    return getattr(term, "modifier", None) is sa.sql.operators.desc_op
 
 
 def _latest(partition: Any, order: Any) -> Any:
