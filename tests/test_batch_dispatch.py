@@ -105,6 +105,29 @@ def next_steps(h: Harness) -> int:
     return sum(t.step_index == 1 for t in h.touches())
 
 
+def relay_busy_once(monkeypatch: pytest.MonkeyPatch, key: str) -> None:
+    """The email to the touch with this key is refused once with a transient error; the rest go out."""
+    send = EmailOutbox.send
+    refused: list[str] = []
+
+    def refuses_once(self: EmailOutbox, message: Any) -> Any:
+        if message.key == key and not refused:
+            refused.append(message.key)
+            raise TransientError("mail relay busy")
+        return send(self, message)
+
+    monkeypatch.setattr(EmailOutbox, "send", refuses_once)
+
+
+def records_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recording a batch's sends fails, as on a full disk."""
+
+    def fails(self: Dispatcher, sent: Any, batch: Any) -> None:
+        raise RuntimeError("the disk is full")
+
+    monkeypatch.setattr(Dispatcher, "_record_all", fails)
+
+
 def test_a_batch_takes_two_transactions_whatever_its_size(harness: Harness) -> None:
     ids = enroll(harness, "email", 8)
     commits: list[int] = []
@@ -247,16 +270,7 @@ def test_a_transient_failure_in_a_batch_is_retried_alone_after_a_pause(
 ) -> None:
     ids = enroll(harness, "email", 3)
     unlucky = touch(harness, ids[1]).key
-    send = EmailOutbox.send
-    refused: list[str] = []
-
-    def refuses_once(self: EmailOutbox, message: Any) -> Any:
-        if message.key == unlucky and not refused:
-            refused.append(message.key)
-            raise TransientError("mail relay busy")
-        return send(self, message)
-
-    monkeypatch.setattr(EmailOutbox, "send", refuses_once)
+    relay_busy_once(monkeypatch, unlucky)
     queued: list[dict[str, Any]] = []
     single = harness.service.actor
     original = single.send_with_options
@@ -365,11 +379,7 @@ def test_a_batch_whose_record_fails_still_hands_back_what_it_did_not_begin(
     ids = enroll(harness, "email", 2)
     dispatcher = harness.service.dispatcher
     dispatcher.batch_seconds = -1.0
-
-    def fails(self: Dispatcher, sent: Any, batch: Any) -> None:
-        raise RuntimeError("the disk is full")
-
-    monkeypatch.setattr(Dispatcher, "_record_all", fails)
+    records_fail(monkeypatch)
     with pytest.raises(RuntimeError):
         dispatcher.dispatch_many(ids)
     assert [touch(harness, i).status for i in ids] == [TouchStatus.queued] * 2
@@ -380,18 +390,8 @@ def test_after_a_batch_error_a_touch_waiting_for_its_retry_keeps_its_pause(
 ) -> None:
     ids = enroll(harness, "email", 3)
     unlucky = touch(harness, ids[1]).key
-    send = EmailOutbox.send
-
-    def refuses(self: EmailOutbox, message: Any) -> Any:
-        if message.key == unlucky:
-            raise TransientError("mail relay busy")
-        return send(self, message)
-
-    def fails(self: Dispatcher, sent: Any, batch: Any) -> None:
-        raise RuntimeError("the disk is full")
-
-    monkeypatch.setattr(EmailOutbox, "send", refuses)
-    monkeypatch.setattr(Dispatcher, "_record_all", fails)
+    relay_busy_once(monkeypatch, unlucky)
+    records_fail(monkeypatch)
     alone: list[list[int]] = []
     later: list[dict[str, Any]] = []
     service = harness.service
