@@ -25,7 +25,7 @@ from cadence.engine import contact_view_from
 from cadence.models import CadenceVersion, CallTask, Contact, Deal, Enrollment, Touch
 from cadence.service import build_channels
 from channels import Channel, Message, write_atomically
-from channels.call import CallTasks
+from channels.call import CallTasks, script_html
 from channels.email import EmailOutbox
 from channels.letter import LetterOutbox
 from channels.sms import SmsOutbox
@@ -378,6 +378,21 @@ def test_call_channel_creates_one_call_task_per_touch_even_when_sent_twice(db: s
         "open",
     )
     assert task.script == "# Call Anna\nAsk about the proposal."
+
+
+def test_a_call_script_is_commonmark_with_markup_shown_as_text_and_unsafe_links_dropped() -> None:
+    html = script_html(
+        "# Call Anna\n\n**Why:** the proposal\n\n1. first\n2. second\n   - nested\n\n"
+        "Anna <img src=x onerror=alert(1)> & co · [site](https://example.com) [bad](javascript:alert(1))\n"
+    )
+
+    assert html.startswith(
+        "<h1>Call Anna</h1>\n<p><strong>Why:</strong> the proposal</p>\n<ol>\n<li>first</li>"
+    )
+    assert "<li>second\n<ul>\n<li>nested</li>" in html  # nested by the item's own indentation
+    assert "Anna &lt;img src=x onerror=alert(1)&gt; &amp; co" in html and "<img" not in html
+    assert '<a href="https://example.com">site</a>' in html
+    assert "javascript" not in html and '<a href="">bad</a>' in html
 
 
 # --- what each channel needs --------------------------------------------------------------------------------
