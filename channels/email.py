@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from email.headerregistry import Address
-from email.message import EmailMessage
 from email.utils import format_datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -12,7 +10,7 @@ from typing import Any, ClassVar
 import jinja2
 
 from cadence.sandbox import TemplateError
-from channels import Channel, Message, Receipt, write_atomically
+from channels import Channel, Message, Receipt, mime, write_atomically
 
 
 def split_subject(text: str, template: str) -> tuple[str, str]:
@@ -23,21 +21,28 @@ def split_subject(text: str, template: str) -> tuple[str, str]:
     return first.split(":", 1)[1].strip(), body.lstrip("\n")
 
 
-def build_message(message: Message, domain: str, headers: Mapping[str, str] | None = None) -> EmailMessage:
+def message_id(message: Message, domain: str) -> str:
+    return f"<touch-{message.key}@{domain}>"
+
+
+def build_message(
+    message: Message, domain: str, headers: Mapping[str, str] | None = None, linesep: str = "\n"
+) -> bytes:
     """The multipart text + HTML message; `headers` are added after the standard ones."""
-    email = EmailMessage()
     sender = message.sender
-    # Address quotes the display name: by hand, a name like "X <other@host>" could pick the recipient.
-    email["From"] = Address(display_name=sender.get("name") or "", addr_spec=sender.get("email") or "")
-    email["To"] = Address(display_name=message.contact.get("name") or "", addr_spec=message.contact["email"])
-    email["Subject"] = message.parts["subject"]
-    email["Date"] = format_datetime(message.due_at)
-    email["Message-ID"] = f"<touch-{message.key}@{domain}>"
-    for name, value in (headers or {}).items():
-        email[name] = value
-    email.set_content(message.parts["text"])
-    email.add_alternative(message.parts["html"], subtype="html")
-    return email
+    # Names are quoted or encoded whole: by hand, a name like "X <other@host>" could pick the recipient.
+    from_ = mime.address(sender.get("name") or "", sender.get("email") or "", "sender")
+    to = mime.address(message.contact.get("name") or "", message.contact.get("email") or "", "contact")
+    lines = [
+        mime.structured("From", from_, linesep),
+        mime.structured("To", to, linesep),
+        mime.header("Subject", message.parts["subject"], linesep),
+        f"Date: {format_datetime(message.due_at)}",
+        f"Message-ID: {message_id(message, domain)}",
+        *(mime.structured(name, value, linesep) for name, value in (headers or {}).items()),
+    ]
+    text, html = message.parts["text"], message.parts["html"]
+    return mime.message(lines, text, html, boundary_seed=message.key, linesep=linesep)
 
 
 class EmailOutbox(Channel):
@@ -59,5 +64,5 @@ class EmailOutbox(Channel):
     def send(self, message: Message) -> Receipt:
         domain = (message.sender.get("email") or "cadence.local").rpartition("@")[2]
         path = self.folder / f"{message.key}.eml"
-        write_atomically(path, bytes(build_message(message, domain)))
+        write_atomically(path, build_message(message, domain))
         return Receipt("outbox", str(path))

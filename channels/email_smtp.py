@@ -8,11 +8,9 @@ the delivery unknown is final too: the channel is not idempotent, and a retry co
 from __future__ import annotations
 
 import contextlib
-import email.policy
 import smtplib
 import ssl
 from collections.abc import Mapping
-from email.message import EmailMessage
 from typing import Any, ClassVar
 
 import jinja2
@@ -20,7 +18,7 @@ import jinja2
 from cadence import signing
 from cadence.settings import Settings
 from channels import Channel, DeliveryError, Message, Receipt, TransientError
-from channels.email import build_message, split_subject
+from channels.email import build_message, message_id, split_subject
 from channels.limits import Limits
 
 #: Seconds a limit's window lasts for EMAIL_PER_MINUTE.
@@ -71,24 +69,23 @@ class SmtpEmail(Channel):
     def unsubscribe_url(self, touch_id: int) -> str:
         return f"{self.settings.public_url.rstrip('/')}/unsubscribe/{unsubscribe_token(self.key, touch_id)}"
 
-    def compose(self, message: Message) -> EmailMessage:
-        domain = (message.sender.get("email") or "cadence.local").rpartition("@")[2]
+    def compose(self, message: Message, domain: str) -> bytes:
+        """The message as sent on the wire (CRLF line ends), with the one-click unsubscribe headers."""
         headers = {
             "List-Unsubscribe": f"<{self.unsubscribe_url(message.touch_id)}>",
             "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
         }
-        return build_message(message, domain, headers)
+        return build_message(message, domain, headers, linesep="\r\n")
 
     def send(self, message: Message) -> Receipt:
         sender = message.sender.get("email") or self.settings.sender_email
         self._check_limits(sender)
-        mail = self.compose(message)
+        domain = (message.sender.get("email") or "cadence.local").rpartition("@")[2]
+        payload = self.compose(message, domain)
         recipient = str(message.contact["email"])
         international = not (sender.isascii() and recipient.isascii())
-        policy = email.policy.SMTPUTF8 if international else email.policy.SMTP
-        payload = mail.as_bytes(policy=policy)
         reply = self._deliver(sender, recipient, payload, international)
-        return Receipt("smtp", str(mail["Message-ID"]), details={"smtp_response": reply})
+        return Receipt("smtp", message_id(message, domain), details={"smtp_response": reply})
 
     def _check_limits(self, sender: str) -> None:
         if self.settings.email_per_minute:
