@@ -429,7 +429,8 @@ class Engine:
             option = self.choose_option(point, context)
             channel = (variant and variant.channel) or option.channel
             template = (variant and variant.template) or option.template
-            return Touch(
+            return store.new_row(
+                Touch,
                 enrollment_id=enrollment.id or 0,
                 step_index=step_index,
                 channel=channel,

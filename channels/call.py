@@ -179,7 +179,8 @@ class CallTasks(Channel):
 
     def send_in(self, s: Session, message: Message) -> Receipt:
         deal = message.deal or {}
-        task = CallTask(
+        task = store.new_row(
+            CallTask,
             touch_id=message.touch_id,
             owner=deal.get("owner"),
             due_date=message.local_date,

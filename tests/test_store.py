@@ -1,0 +1,95 @@
+"""Rows made without the models' constructor (`store.new_row`): the same row, written, read and changed
+like any other."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlmodel import SQLModel, select
+
+from cadence import store
+from cadence.models import CadenceVersion, CallTask, Contact, Enrollment, Touch, TouchStatus
+
+NOW = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
+TOUCH = {
+    "enrollment_id": 1,
+    "step_index": 2,
+    "channel": "email",
+    "template": "email/x",
+    "reason": "a reason",
+    "due_at": NOW,
+}
+TASK = {
+    "touch_id": 1,
+    "due_date": date(2026, 11, 23),
+    "due_at": NOW,
+    "contact_id": 1,
+    "reason": "a reason",
+    "script": "# Call",
+    "created_at": NOW,
+}
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[sa.Engine]:
+    engine = store.create_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    store.migrate(engine)
+    yield engine
+    engine.dispose()
+
+
+def _columns(row: SQLModel) -> dict[str, Any]:
+    return {column.name: getattr(row, column.name) for column in row.__table__.columns}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("model", "values"), [(Touch, TOUCH), (CallTask, TASK)], ids=["touch", "call-task"])
+def test_a_new_row_has_what_the_constructor_gives(model: type[SQLModel], values: dict[str, Any]) -> None:
+    assert _columns(store.new_row(model, **values)) == _columns(model(**values))
+
+
+def test_a_field_without_a_default_must_be_given() -> None:
+    values = {k: v for k, v in TOUCH.items() if k not in ("reason", "template")}
+    with pytest.raises(TypeError, match="Touch: missing reason, template"):
+        store.new_row(Touch, **values)
+
+
+def test_defaults_made_by_a_factory_are_made_for_each_row() -> None:
+    first, second = store.new_row(Touch, **TOUCH), store.new_row(Touch, **TOUCH)
+    first.receipt["sent"] = True
+    assert second.receipt == {}
+
+
+def test_a_new_row_is_written_read_back_and_its_changes_saved(db: sa.Engine) -> None:
+    with store.session(db) as s:
+        contact = Contact(source="t", external_id="1", created_at=NOW, updated_at=NOW)
+        version = CadenceVersion(name="c", content_hash="x", yaml_text="", file="c.yaml", created_at=NOW)
+        s.add_all([contact, version])
+        s.flush()
+        enrollment = Enrollment(
+            cadence_name="c",
+            cadence_version_id=version.id or 0,
+            subject="contact:1",
+            contact_id=contact.id or 0,
+            started_at=NOW,
+        )
+        s.add(enrollment)
+        s.flush()
+        touch = store.new_row(Touch, **{**TOUCH, "enrollment_id": enrollment.id})
+        assert store.insert_unless_taken(s, touch)
+        assert not store.insert_unless_taken(
+            s, store.new_row(Touch, **{**TOUCH, "enrollment_id": enrollment.id})
+        )
+        touch.status = TouchStatus.held  # tracked like a row that was read
+        touch_id = touch.id
+
+    with store.session(db) as s:
+        [read] = s.exec(select(Touch)).all()
+        assert read.id == touch_id and read.status == TouchStatus.held
+        assert {k: v for k, v in _columns(read).items() if k not in ("id", "status", "enrollment_id")} == {
+            k: v for k, v in _columns(Touch(**TOUCH)).items() if k not in ("id", "status", "enrollment_id")
+        }
