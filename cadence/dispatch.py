@@ -26,6 +26,7 @@ from cadence.engine import Engine, touch_view
 from cadence.language import Calendar, Touchpoint
 from cadence.metrics import Metrics
 from cadence.models import (
+    TOUCH_KEY,
     Block,
     CadenceVersion,
     Contact,
@@ -458,10 +459,11 @@ class Dispatcher:
         try:
             with store.session(self.db) as s:
                 rows = _load_many(s, [message.touch_id for message, _ in sent])
-                for message, receipt in sent:
-                    if receipt is None:
-                        receipt = self.channels[message.channel].send_in(s, message)
-                    self._mark_sent(s, message.touch_id, receipt, rows.get(message.touch_id))
+                receipts = self._send_in(s, sent)
+                later: list[Touch] = []
+                for message, made in receipts:
+                    self._mark_sent(s, message.touch_id, made, rows.get(message.touch_id), later)
+                store.insert_all_unless_taken(s, later, TOUCH_KEY)
         except Exception:
             log.warning("recording a batch of sent touches failed; recording each alone", exc_info=True)
         else:
@@ -486,12 +488,36 @@ class Dispatcher:
         if failure is not None:
             raise failure
 
+    def _send_in(
+        self, s: Session, sent: list[tuple[Message, Receipt | None]]
+    ) -> list[tuple[Message, Receipt]]:
+        """Each delivery with its receipt: those without one are made in `s`, one call per channel."""
+        waiting: dict[str, list[Message]] = defaultdict(list)
+        for message, receipt in sent:
+            if receipt is None:
+                waiting[message.channel].append(message)
+        made: dict[int, Receipt] = {}
+        for channel, messages in waiting.items():
+            receipts = self.channels[channel].send_all_in(s, messages)
+            made.update(
+                (message.touch_id, receipt) for message, receipt in zip(messages, receipts, strict=True)
+            )
+        return [(message, receipt or made[message.touch_id]) for message, receipt in sent]
+
     def _recorded(self, message: Message, batch: Batch) -> None:
         self._sent(message)
         batch.results.append(Result(message.touch_id, TouchStatus.sent))
 
-    def _mark_sent(self, s: Session, touch_id: int, receipt: Receipt, loaded: _Loaded | None = None) -> None:
-        """Record the delivery; `loaded` holds the touch's rows when they were read with others."""
+    def _mark_sent(
+        self,
+        s: Session,
+        touch_id: int,
+        receipt: Receipt,
+        loaded: _Loaded | None = None,
+        later: list[Touch] | None = None,
+    ) -> None:
+        """Record the delivery; `loaded` holds the touch's rows when they were read with others, `later`
+        gathers the next touches a batch inserts together."""
         loaded = loaded or _load(s, touch_id)  # held, so planning finds the touch's rows in the session
         touch = loaded.touch
         touch.receipt = {
@@ -500,7 +526,7 @@ class Dispatcher:
             "provider": receipt.provider,
             "reference": receipt.reference,
         }
-        self.finish(s, touch, TouchStatus.sent, None)
+        self.finish(s, touch, TouchStatus.sent, None, later)
         if self.engine.activity:
             outbound.touch_sent(s, touch, self.clock())
 
@@ -744,13 +770,16 @@ class Dispatcher:
         touch.finished_at = self.clock()
         return Result(touch.id or 0, status, reason)
 
-    def finish(self, s: Session, touch: Touch, status: str, reason: str | None) -> Result:
-        """Record how a touch ended and plan the enrollment's next step."""
+    def finish(
+        self, s: Session, touch: Touch, status: str, reason: str | None, later: list[Touch] | None = None
+    ) -> Result:
+        """Record how a touch ended and plan the enrollment's next step (into `later`, given it: see
+        `Engine.plan`)."""
         result = self._close(touch, status, reason)
         self.metrics.touches.labels(touch.channel, status).inc()
         enrollment = s.get_one(Enrollment, touch.enrollment_id)
         if enrollment.status in (EnrollmentStatus.active, EnrollmentStatus.paused):
-            following = self.engine.plan(s, enrollment, touch.step_index + 1, self.clock())
+            following = self.engine.plan(s, enrollment, touch.step_index + 1, self.clock(), later)
             if following is not None and enrollment.status == EnrollmentStatus.paused:
                 following.status, following.status_reason = TouchStatus.held, "enrollment paused"
         return result

@@ -409,9 +409,17 @@ class Engine:
             likely_new=True,
         )
 
-    def plan(self, s: Session, enrollment: Enrollment, step_index: int, now: datetime) -> Touch | None:
+    def plan(
+        self,
+        s: Session,
+        enrollment: Enrollment,
+        step_index: int,
+        now: datetime,
+        later: list[Touch] | None = None,
+    ) -> Touch | None:
         """Plan touch number `step_index`, or complete the enrollment when there is none (or its repeat's
-        goal holds)."""
+        goal holds). Given `later`, the new touch is added to it instead of inserted, for the caller to insert
+        with others (`store.insert_all_unless_taken`, which leaves it out if its key is taken by then)."""
         spec = self.spec_of(s, enrollment)
         point = spec.touchpoint(step_index)
         if point is None:
@@ -440,6 +448,9 @@ class Engine:
                 due_at=self.due(spec, contact, enrollment, step_index, channel, now),
             )
 
+        if later is not None:
+            later.append(make())
+            return later[-1]
         return _get_or_insert(
             s, lambda: _touch_at(s, enrollment.id or 0, step_index, 0), make, likely_new=True
         )

@@ -132,9 +132,13 @@ class Enrollment(SQLModel, table=True):
     origin: str | None = Field(default=None, description="event, transition or hand that started it")
 
 
+#: A touch's key: each is made at most once.
+TOUCH_KEY = ("enrollment_id", "step_index", "iteration")
+
+
 class Touch(SQLModel, table=True):
     __table_args__ = (
-        sa.UniqueConstraint("enrollment_id", "step_index", "iteration", name="uq_touch_key"),
+        sa.UniqueConstraint(*TOUCH_KEY, name="uq_touch_key"),
         sa.Index("ix_touch_status_due", "status", "due_at"),
     )
 

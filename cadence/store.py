@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -91,6 +91,39 @@ def insert_unless_taken(s: Session, row: SQLModel) -> bool:
     make_transient_to_detached(row)
     s.add(row)
     return True
+
+
+def insert_all_unless_taken(s: Session, rows: Sequence[M], key: tuple[str, ...]) -> list[M]:
+    """`insert_unless_taken` for many rows of one table, in one statement; the rows inserted, attached with
+    their ids. A row whose unique `key` is taken, by a row in the table or one before it in `rows`, is left
+    out (and nothing of it written)."""
+    unique: dict[tuple[Any, ...], M] = {}
+    for row in rows:
+        unique.setdefault(tuple(getattr(row, name) for name in key), row)
+    if not unique:
+        return []
+    table: sa.Table = rows[0].__table__  # type: ignore[attr-defined]
+    names = [column.name for column in table.columns if column.name != "id"]
+    values = [{name: getattr(row, name) for name in names} for row in unique.values()]
+    connection = s.connection()
+    statement = _insert_returning_key(connection.dialect.name, table, key)
+    inserted = []
+    for new_id, *found in connection.execute(statement, values):
+        row = unique[tuple(found)]
+        row.id = new_id
+        make_transient_to_detached(row)
+        s.add(row)
+        inserted.append(row)
+    return inserted
+
+
+@cache
+def _insert_returning_key(dialect_name: str, table: sa.Table, key: tuple[str, ...]) -> sa.Insert:
+    """INSERT ... ON CONFLICT DO NOTHING, RETURNING the id and the key; run with many rows' values, SQLAlchemy
+    sends them as one multi-row INSERT."""
+    returned = [table.c.id, *(table.c[name] for name in key)]
+    statement: sa.Insert = insert(dialect_name, table).on_conflict_do_nothing().returning(*returned)
+    return statement
 
 
 @cache

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -107,6 +107,10 @@ class Channel:
     def send_in(self, s: Session, message: Message) -> Receipt:
         """Send inside the caller's transaction `s`; only a channel `in_database` can."""
         raise NotImplementedError(f"{self.name} does not deliver to the database")
+
+    def send_all_in(self, s: Session, messages: Sequence[Message]) -> list[Receipt]:
+        """`send_in` for several messages, their receipts in the same order; a channel may do it at once."""
+        return [self.send_in(s, message) for message in messages]
 
 
 #: Folders `write_atomically` has made or found, so each write does not ask again.

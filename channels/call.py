@@ -178,8 +178,21 @@ class CallTasks(Channel):
             return self.send_in(s, message)
 
     def send_in(self, s: Session, message: Message) -> Receipt:
+        return self.send_all_in(s, [message])[0]
+
+    def send_all_in(self, s: Session, messages: Sequence[Message]) -> list[Receipt]:
+        """The messages' call tasks, made by one statement; a touch sent before keeps the task it has."""
+        tasks = [self._task(message) for message in messages]
+        store.insert_all_unless_taken(s, tasks, ("touch_id",))
+        ids = {task.touch_id: task.id or 0 for task in tasks if task.id is not None}
+        if missing := [task.touch_id for task in tasks if task.id is None]:
+            found = s.exec(select(CallTask.touch_id, CallTask.id).where(col(CallTask.touch_id).in_(missing)))
+            ids.update((touch_id, task_id or 0) for touch_id, task_id in found)
+        return [Receipt("call-task", f"call_task:{ids[message.touch_id]}") for message in messages]
+
+    def _task(self, message: Message) -> CallTask:
         deal = message.deal or {}
-        task = store.new_row(
+        return store.new_row(
             CallTask,
             touch_id=message.touch_id,
             owner=deal.get("owner"),
@@ -195,6 +208,3 @@ class CallTasks(Channel):
             priority=message.priority,
             created_at=self.clock(),
         )
-        if not store.insert_unless_taken(s, task):  # sent before: the touch's task is the one there is
-            task = s.exec(select(CallTask).where(CallTask.touch_id == message.touch_id)).one()
-        return Receipt("call-task", f"call_task:{task.id}")

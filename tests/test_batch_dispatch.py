@@ -166,6 +166,42 @@ def test_a_call_task_is_made_in_the_transaction_that_records_its_touch(harness: 
     assert all(task.script_html and task.script_html.startswith("<") for task in tasks)
 
 
+def test_a_batch_inserts_its_call_tasks_and_next_touches_with_one_statement_each(harness: Harness) -> None:
+    ids = enroll(harness, "call", 4) + enroll(harness, "email", 4)
+    seen: list[str] = []
+    sa.event.listen(
+        harness.service.db, "before_cursor_execute", lambda *a: seen.append(" ".join(a[2].split()))
+    )
+    batch = harness.service.dispatcher.dispatch_many(ids)
+    assert {r.status for r in batch.results} == {TouchStatus.sent}
+    assert sum(s.startswith("INSERT INTO call_task") for s in seen) == 1
+    assert sum(s.startswith("INSERT INTO touch") for s in seen) == 1
+    assert next_steps(harness) == 8
+    with store.session(harness.service.db) as s:
+        planned = s.exec(select(Touch).where(Touch.step_index == 1).order_by(col(Touch.enrollment_id))).all()
+        first = s.exec(select(Touch).where(col(Touch.id).in_(ids)).order_by(col(Touch.enrollment_id))).all()
+    # Each next touch is its own enrollment's second step, two days after its first.
+    assert [t.enrollment_id for t in planned] == [t.enrollment_id for t in first]
+    assert {(t.channel, t.reason, t.status) for t in planned} == {
+        ("call", "A call after the first touch.", "planned")
+    }
+    assert all((p.due_at - f.due_at).days in (1, 2) for p, f in zip(planned, first, strict=True))
+
+
+def test_a_call_task_made_before_is_kept_and_named_in_the_receipt(harness: Harness) -> None:
+    ids = enroll(harness, "call", 3)
+    harness.service.dispatcher.dispatch_many(ids[1:2])  # one task exists before the batch
+    with store.session(harness.service.db) as s:
+        before = s.exec(select(CallTask)).one()
+        s.get_one(Touch, ids[1]).status = TouchStatus.queued  # as if its message came again
+    batch = harness.service.dispatcher.dispatch_many(ids)
+    assert {r.status for r in batch.results} == {TouchStatus.sent}
+    with store.session(harness.service.db) as s:
+        tasks = {t.touch_id: t.id for t in s.exec(select(CallTask)).all()}
+    assert sorted(tasks) == ids and tasks[ids[1]] == before.id
+    assert [touch(harness, i).receipt["reference"] for i in ids] == [f"call_task:{tasks[i]}" for i in ids]
+
+
 def test_the_caps_count_what_a_batch_lets_go_and_what_went_before(harness: Harness) -> None:
     """The policy allows one touch a contact a day. Two of one contact's touches in one batch: the second
     waits for tomorrow; so does a touch in a later batch, after one sent alone earlier the same day."""
@@ -297,11 +333,13 @@ def test_a_batch_record_that_fails_records_each_touch_alone(
     mark = Dispatcher._mark_sent
     calls: list[int] = []
 
-    def fails_first(self: Dispatcher, s: Any, touch_id: int, receipt: Any, loaded: Any = None) -> None:
+    def fails_first(
+        self: Dispatcher, s: Any, touch_id: int, receipt: Any, loaded: Any = None, later: Any = None
+    ) -> None:
         calls.append(touch_id)
         if len(calls) == 2:  # the second touch of the batch's record: the whole transaction goes
             raise sa.exc.OperationalError("UPDATE touch", {}, Exception("database is locked"))
-        mark(self, s, touch_id, receipt, loaded)
+        mark(self, s, touch_id, receipt, loaded, later)
 
     monkeypatch.setattr(Dispatcher, "_mark_sent", fails_first)
     batch = harness.service.dispatcher.dispatch_many(ids)
