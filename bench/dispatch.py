@@ -12,7 +12,7 @@ Each worker's RSS (with its children) is sampled every 100 ms during the Cadence
 Targets: Cadence at least 1,000 touches/s and at least half of Dramatiq's floor; each worker under 200 MB.
 Run from the repository root (PostgreSQL is started for the run with --database postgresql):
 
-    .venv/bin/python bench/dispatch.py [--touches 10000] [--processes 2] [--threads 8]
+    .venv/bin/python bench/dispatch.py [--touches 10000] [--processes 2] [--threads 4]
         [--database sqlite|postgresql] [--log-level INFO] [--timeout 90] [--profile DIR] [--keep]
 
 Each run stops after --timeout seconds and then reports the rate of what it finished, marked as cut short.
@@ -554,7 +554,9 @@ def main() -> None:
     )
     parser.add_argument("--touches", type=int, default=10_000, help="due touches, and no-op messages")
     parser.add_argument("--processes", type=int, default=2, help="worker processes in each run")
-    parser.add_argument("--threads", type=int, default=8, help="threads per worker process")
+    parser.add_argument(
+        "--threads", type=int, default=4, help="threads per worker process (the default: `cadence worker`'s)"
+    )
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--log-level", default="INFO", help="LOG_LEVEL of the Cadence workers")
     parser.add_argument("--profile", type=Path, help="folder for a py-spy profile of the first worker")
