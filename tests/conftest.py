@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import sqlalchemy as sa
 from harness import Harness, make_settings, start_harness
 from servers import (
     Mailbox,
@@ -19,6 +20,8 @@ from servers import (
     start_postgres,
     start_redis,
 )
+
+from cadence import store
 
 
 def _need(kind: str) -> None:
@@ -80,3 +83,12 @@ def smtp() -> Iterator[tuple[Mailbox, int]]:
         yield mailbox, port
     finally:
         controller.stop()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[sa.Engine]:
+    """An SQLite database in the test's folder, its schema migrated."""
+    engine = store.create_engine(f"sqlite:///{tmp_path / 'cadence.db'}")
+    store.migrate(engine)
+    yield engine
+    engine.dispose()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import email.policy
 import json
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from email.message import EmailMessage
@@ -299,14 +299,6 @@ def test_letter_sent_twice_with_the_same_key_leaves_one_page(tmp_path: Path) -> 
 
 
 # --- call ---------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[sa.Engine]:
-    engine = store.create_engine(f"sqlite:///{tmp_path / 'channels.db'}")
-    store.migrate(engine)
-    yield engine
-    engine.dispose()
 
 
 def _touch_row(db: sa.Engine) -> tuple[int, int, int]:

@@ -3,9 +3,7 @@ like any other."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, date, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,14 +31,6 @@ TASK = {
     "script": "# Call",
     "created_at": NOW,
 }
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[sa.Engine]:
-    engine = store.create_engine(f"sqlite:///{tmp_path / 'store.db'}")
-    store.migrate(engine)
-    yield engine
-    engine.dispose()
 
 
 def _columns(row: SQLModel) -> dict[str, Any]:
