@@ -24,13 +24,17 @@ LINE = 78
 #: so that one fits on a line after `Subject: ` too.
 WORD_BYTES = 39
 
-#: An address Cadence sends to: a local part and a domain without spaces, brackets, quotes or separators.
-_ADDRESS = re.compile(r'[^\s@<>()\[\],;:\\"]+@[^\s@<>()\[\],;:\\"]+')
+#: An address Cadence sends to: dot-atoms (RFC 5322) on either side of the @, of printable characters
+#: (UTF-8 ones too, for SMTPUTF8) other than spaces and the separators.
+_ATEXT = r'[^\x00-\x20\x7f-\x9f()<>\[\]:;@\\,."]+'
+_ADDRESS = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@{_ATEXT}(?:\.{_ATEXT})*")
 #: A name written as it is: atoms of RFC 5322 `atext`, one space apart.
 _ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?: [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 #: Printable ASCII and spaces: text a header may carry as it is.
 _PRINTABLE = re.compile(r"[ -~]*")
 _LINE_BREAK = re.compile(r"[\r\n\0]")
+#: Characters 7bit and 8bit bodies may not carry (RFC 2045): control characters but tabs and line breaks.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def address(name: str, addr: str, role: str) -> str:
@@ -55,7 +59,12 @@ def header(name: str, value: str, linesep: str) -> str:
     decoded, else as encoded words."""
     _refuse_line_breaks(name, value)
     words = value.split(" ")
-    plain = _PRINTABLE.fullmatch(value) and "=?" not in value and all(0 < len(w) < LINE - 2 for w in words)
+    plain = (
+        _PRINTABLE.fullmatch(value)
+        and "=?" not in value
+        and len(f"{name}: {words[0]}") <= LINE
+        and all(0 < len(word) < LINE for word in words)
+    )
     if not plain and value:
         words = _encoded_words(value)
     return _fold(f"{name}:", words, linesep)
@@ -117,7 +126,7 @@ def _fold(start: str, words: list[str], linesep: str) -> str:
     first, *rest = words
     lines = [f"{start} {first}"]  # a value folded before its first word would read as starting with a space
     for word in rest:
-        if len(lines[-1]) + 1 + len(word) > LINE:
+        if word and len(lines[-1]) + 1 + len(word) > LINE:  # never a line of spaces alone
             lines.append(" " + word)
         else:
             lines[-1] += " " + word
@@ -125,12 +134,12 @@ def _fold(start: str, words: list[str], linesep: str) -> str:
 
 
 def _part(subtype: str, content: str, linesep: str) -> bytes:
-    """One alternative's headers and body. Lines that fit are sent as they are (7bit, or 8bit for UTF-8),
-    longer ones as quoted-printable, or base64 if most of the text is not ASCII."""
+    """One alternative's headers and body. Lines that fit are sent as they are (7bit, or 8bit for UTF-8);
+    longer ones, or control characters, as quoted-printable (base64 if most of the text is not ASCII)."""
     lines = content.encode("utf-8").splitlines()
     sep = linesep.encode()
     data = b"\n".join(lines) + b"\n"
-    if max((len(line) for line in lines), default=0) <= LINE:
+    if max((len(line) for line in lines), default=0) <= LINE and not _CONTROL.search(content):
         cte = "7bit" if content.isascii() else "8bit"
         body = data
     elif (len(data) - len(content.encode("ascii", "ignore"))) * 3 > len(data):  # mostly not ASCII
