@@ -81,22 +81,13 @@ def insert_unless_taken(s: Session, row: SQLModel) -> bool:
     """Insert `row` by one statement and attach it to the session, as if read; False if a unique key of
     it is taken already (nothing is written then). One round trip, and no savepoint, where looking first
     and inserting after would take two."""
-    table: sa.Table = row.__table__  # type: ignore[attr-defined]
-    values = {column.name: getattr(row, column.name) for column in table.columns if column.name != "id"}
-    connection = s.connection()
-    new_id = connection.execute(_insert_returning_id(connection.dialect.name, table), values).scalar()
-    if new_id is None:
-        return False
-    row.id = new_id
-    make_transient_to_detached(row)
-    s.add(row)
-    return True
+    return bool(insert_all_unless_taken(s, [row], key=()))
 
 
 def insert_all_unless_taken(s: Session, rows: Sequence[M], key: tuple[str, ...]) -> list[M]:
     """`insert_unless_taken` for many rows of one table, in one statement; the rows inserted, attached with
     their ids. A row whose unique `key` is taken, by a row in the table or one before it in `rows`, is left
-    out (and nothing of it written)."""
+    out (and nothing of it written). With no `key`, `rows` is one row, and any unique key of it counts."""
     unique: dict[tuple[Any, ...], M] = {}
     for row in rows:
         unique.setdefault(tuple(getattr(row, name) for name in key), row)
@@ -119,18 +110,10 @@ def insert_all_unless_taken(s: Session, rows: Sequence[M], key: tuple[str, ...])
 
 @cache
 def _insert_returning_key(dialect_name: str, table: sa.Table, key: tuple[str, ...]) -> sa.Insert:
-    """INSERT ... ON CONFLICT DO NOTHING, RETURNING the id and the key; run with many rows' values, SQLAlchemy
-    sends them as one multi-row INSERT."""
+    """INSERT ... ON CONFLICT DO NOTHING, RETURNING the id and the key: made once per table and key, the
+    values come as parameters; run with many rows' values, SQLAlchemy sends them as one multi-row INSERT."""
     returned = [table.c.id, *(table.c[name] for name in key)]
     statement: sa.Insert = insert(dialect_name, table).on_conflict_do_nothing().returning(*returned)
-    return statement
-
-
-@cache
-def _insert_returning_id(dialect_name: str, table: sa.Table) -> sa.Insert:
-    """INSERT ... ON CONFLICT DO NOTHING, RETURNING the id: made once per table, the values come as
-    parameters."""
-    statement: sa.Insert = insert(dialect_name, table).on_conflict_do_nothing().returning(table.c.id)
     return statement
 
 
