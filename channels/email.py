@@ -21,6 +21,11 @@ def split_subject(text: str, template: str) -> tuple[str, str]:
     return first.split(":", 1)[1].strip(), body.lstrip("\n")
 
 
+def sender_domain(message: Message) -> str:
+    """The domain of the sender's address: the message ids' right-hand side."""
+    return (message.sender.get("email") or "cadence.local").rpartition("@")[2]
+
+
 def message_id(message: Message, domain: str) -> str:
     return f"<touch-{message.key}@{domain}>"
 
@@ -62,7 +67,7 @@ class EmailOutbox(Channel):
         return parts
 
     def send(self, message: Message) -> Receipt:
-        domain = (message.sender.get("email") or "cadence.local").rpartition("@")[2]
+        domain = sender_domain(message)
         path = self.folder / f"{message.key}.eml"
         write_atomically(path, build_message(message, domain))
         return Receipt("outbox", str(path))

@@ -18,7 +18,7 @@ import jinja2
 from cadence import signing
 from cadence.settings import Settings
 from channels import Channel, DeliveryError, Message, Receipt, TransientError
-from channels.email import build_message, message_id, split_subject
+from channels.email import build_message, message_id, sender_domain, split_subject
 from channels.limits import Limits
 
 #: Seconds a limit's window lasts for EMAIL_PER_MINUTE.
@@ -80,7 +80,7 @@ class SmtpEmail(Channel):
     def send(self, message: Message) -> Receipt:
         sender = message.sender.get("email") or self.settings.sender_email
         self._check_limits(sender)
-        domain = (message.sender.get("email") or "cadence.local").rpartition("@")[2]
+        domain = sender_domain(message)
         payload = self.compose(message, domain)
         recipient = str(message.contact["email"])
         international = not (sender.isascii() and recipient.isascii())

@@ -45,12 +45,12 @@ def address(name: str, addr: str, role: str) -> str:
         return addr
     _refuse_line_breaks(role, name)
     # A name with `=?` in it is encoded: some readers decode what looks like an encoded word even in quotes.
-    if _ATOMS.fullmatch(name) and "=?" not in name:
-        shown = name
-    elif _PRINTABLE.fullmatch(name) and "=?" not in name:
-        shown = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    else:
+    if "=?" in name or not _PRINTABLE.fullmatch(name):
         shown = " ".join(_encoded_words(name))
+    elif _ATOMS.fullmatch(name):
+        shown = name
+    else:
+        shown = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return f"{shown} <{addr}>"
 
 
