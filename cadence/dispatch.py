@@ -242,15 +242,21 @@ class Dispatcher:
         self.batch_seconds = batch_seconds
 
     def dispatch(self, touch_id: int) -> Result:
+        """Claim the touch, check it, send it and record it. A channel that delivers to the database does all
+        of it in one transaction; any other sends between the transaction of the checks and that of the
+        record, so no delivery waits on the database."""
         try:
             with store.session(self.db) as s:
-                outcome, message = self._prepare(s, touch_id)
+                outcome, message = self.dispatch_in(s, touch_id)
         except Exception as exc:
             # Nothing was sent, and the claim went with the rest of the transaction: count the attempt and
             # give the touch back for the broker's retry, within the attempt cap.
             self._give_back(touch_id, f"error before sending: {exc!r}")
             raise
         if message is None:
+            return outcome
+        if outcome.status == TouchStatus.sent:
+            self._sent(message)
             return outcome
         receipt, failed = self._send(message)
         if receipt is None:
@@ -260,6 +266,21 @@ class Dispatcher:
         self._record_sent(touch_id, receipt)
         self._sent(message)
         return Result(touch_id, TouchStatus.sent)
+
+    def dispatch_in(self, s: Session, touch_id: int) -> tuple[Result, Message | None]:
+        """Claim and check the touch in the caller's transaction `s` (see `_check`). When it may go out on a
+        channel that delivers to the database, it is sent and recorded in `s` too: (sent, its message). When
+        it may go out on another channel: (sending, its message), for the caller to send after committing.
+        Otherwise (what became of it, None)."""
+        loaded = _load(s, touch_id, lock_contact=self._locks_contact())
+        if not self._claim(s, loaded.touch):
+            return Result(touch_id, "ignored", _NOT_QUEUED), None
+        outcome, message = self._check(s, loaded)
+        if message is None or not self.channels[message.channel].in_database:
+            return outcome, message
+        receipt = self.channels[message.channel].send_in(s, message)
+        self._mark_sent(s, touch_id, receipt, loaded)
+        return Result(touch_id, TouchStatus.sent), message
 
     def dispatch_many(
         self,
@@ -535,13 +556,6 @@ class Dispatcher:
         caps = self.engine.policy.caps
         return bool(caps.per_day or caps.per_week)
 
-    def _prepare(self, s: Session, touch_id: int) -> tuple[Result, Message | None]:
-        """Claim the touch and check it; see `_check`."""
-        loaded = _load(s, touch_id, lock_contact=self._locks_contact())
-        if not self._claim(s, loaded.touch):
-            return Result(touch_id, "ignored", _NOT_QUEUED), None
-        return self._check(s, loaded)
-
     def _check(
         self, s: Session, loaded: _Loaded, cleared: _Cleared | None = None
     ) -> tuple[Result, Message | None]:
@@ -711,7 +725,7 @@ class Dispatcher:
     ) -> tuple[datetime, str] | None:
         """(when the contact may next be touched, why) if the policy's caps are reached, else None.
 
-        The caller holds the contact's row (see _prepare); in a batch, `batch` has what it counts."""
+        The caller holds the contact's row (see `dispatch_in`); in a batch, `batch` has what it counts."""
         if not caps.per_day and not caps.per_week:
             return None
         local_midnight = datetime.combine(now.astimezone(zone).date(), datetime.min.time(), tzinfo=zone)

@@ -13,6 +13,7 @@ import re
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
@@ -216,7 +217,10 @@ class Event:
 
 
 class _Dry(Channel):
-    """A channel that checks what the real one checks and sends nothing."""
+    """A channel that checks what the real one checks and sends nothing. It counts as delivering to the
+    database, so a simulated touch is checked, sent and recorded in one transaction."""
+
+    in_database = True
 
     def __init__(self, real: type[Channel]) -> None:
         self._real = real
@@ -225,19 +229,35 @@ class _Dry(Channel):
     def missing(self, contact: Mapping[str, Any]) -> str | None:
         return self._real.missing(self, contact)
 
-    def send(self, message: Message) -> Receipt:
+    def send_in(self, s: Session, message: Message) -> Receipt:
         return Receipt("simulated", message.key)
 
 
-def _in_memory() -> sa.Engine:
-    """A private in-memory database with the schema, copied from one made once (making it costs more than
-    a short simulation)."""
-    db = sa.create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
+@contextmanager
+def _private_database() -> Iterator[sa.Engine]:
+    """A private in-memory database with the schema and nothing else.
+
+    The schema is copied (SQLite's backup) from one made once, as making it costs more than a short
+    simulation. Databases are reused after a run that ended well, because each engine compiles every
+    statement anew, and that too costs more than a short simulation."""
+    with _idle_lock:
+        db = _idle.pop() if _idle else None
+    if db is None:
+        db = sa.create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
     with db.connect() as connection, _copying:
         _schema().backup(connection.connection.dbapi_connection)  # type: ignore[arg-type]
-    return db
+    yield db
+    with _idle_lock:
+        if len(_idle) < MAX_IDLE_DATABASES:
+            _idle.append(db)
+            return
+    db.dispose()
 
 
+#: Private databases kept for reuse, at most (one a simulation running at once).
+MAX_IDLE_DATABASES = 8
+_idle: list[sa.Engine] = []
+_idle_lock = threading.Lock()
 #: One copy of the schema at a time (simulations may run in several threads).
 _copying = threading.Lock()
 
@@ -252,15 +272,13 @@ def _schema() -> sqlite3.Connection:
     return connection
 
 
-#: The simulation's own queries, made once: the next touch due, and the earliest block to run out.
-_NEXT_DUE = (
-    select(Touch).where(Touch.status == TouchStatus.planned).order_by(col(Touch.due_at), col(Touch.id))
-)
+#: The simulation's own queries, made once: the earliest block to run out, and the next touch due with it.
 _BLOCK_ENDS = select(sa.func.min(Block.until)).where(col(Block.ended_seen_at).is_(None))
-_TOUCH_AND_ENROLLMENT = (
-    select(Touch, Enrollment)
-    .join(Enrollment, col(Enrollment.id) == col(Touch.enrollment_id))
-    .where(col(Touch.id) == sa.bindparam("touch_id"))
+_NEXT_DUE = (
+    select(Touch, _BLOCK_ENDS.scalar_subquery())
+    .where(Touch.status == TouchStatus.planned)
+    .order_by(col(Touch.due_at), col(Touch.id))
+    .limit(1)
 )
 
 
@@ -279,7 +297,26 @@ def run(
     blocks: Sequence[BlockedAtStart] = (),
 ) -> list[Event]:
     """Enroll the contact in cadence `name` at `start` and run the service for `days` days."""
-    db = _in_memory()
+    with _private_database() as db:
+        return _run(
+            db, rules, name, start, contact, deal, days, templates, sender, default_timezone, outcomes, blocks
+        )
+
+
+def _run(
+    db: sa.Engine,
+    rules: RuleSet,
+    name: str,
+    start: datetime,
+    contact: Mapping[str, Any],
+    deal: Mapping[str, Any] | None,
+    days: int,
+    templates: jinja2.Environment,
+    sender: Mapping[str, str],
+    default_timezone: str,
+    outcomes: Sequence[Scripted],
+    blocks: Sequence[BlockedAtStart],
+) -> list[Event]:
     clock = ManualClock(start)
     engine = Engine(lambda: rules, default_timezone)
     channels: dict[str, Channel] = {
@@ -312,15 +349,22 @@ def run(
     timeline = _Timeline(db, zone)
     for _ in range(MAX_STEPS):
         with store.session(db) as s:
-            touch = s.exec(_NEXT_DUE).first()
+            found = s.exec(_NEXT_DUE).first()
+            touch, block_ends = found if found is not None else (None, s.exec(_BLOCK_ENDS).one())
             due = touch.due_at if touch is not None else None
-            block_ends = s.exec(_BLOCK_ENDS).one()
             if block_ends is not None and (block_ends > end or (due is not None and block_ends > due)):
                 block_ends = None  # none runs out before the next touch, within the span
             outcome_first = bool(pending) and (due is None or pending[0][0] <= due) and pending[0][0] <= end
-            touch_id = None
             if touch is not None and touch.due_at <= end and block_ends is None and not outcome_first:
-                touch.status, touch_id = TouchStatus.queued, touch.id  # as the scheduler claims it
+                # Claimed as the scheduler claims it, then dispatched: the dry channels deliver to the
+                # database, so the checks, the send and the record are this one transaction.
+                touch_id = touch.id or 0
+                touch.status = TouchStatus.queued
+                s.flush()
+                clock.set(max(touch.due_at, clock()))
+                result, _ = dispatcher.dispatch_in(s, touch_id)
+                timeline.touched(s, touch_id, result.reason, clock())
+                continue
         if block_ends is not None:
             clock.set(max(block_ends, clock()))
             with store.session(db) as s:
@@ -331,11 +375,7 @@ def run(
             clock.set(max(at, clock()))
             timeline.outcome(engine, clock(), scripted)
             continue
-        if due is None or touch_id is None:
-            break
-        clock.set(max(due, clock()))
-        result = dispatcher.dispatch(touch_id)
-        timeline.touched(touch_id, result.status, result.reason, clock())
+        break
     return timeline.events()
 
 
@@ -358,27 +398,34 @@ class _Timeline:
         self.db = db
         self.zone = zone
         self._touches: dict[int, Event] = {}
+        #: Each enrollment's cadence, by the enrollment's id.
+        self._cadences: dict[int, str] = {}
         self._other: list[Event] = []
 
     def _local(self, at: datetime) -> datetime:
         return at.astimezone(self.zone)
 
-    def touched(self, touch_id: int, status: str, reason: str | None, now: datetime) -> None:
-        with store.session(self.db) as s:
-            touch, enrollment = s.exec(_TOUCH_AND_ENROLLMENT, params={"touch_id": touch_id}).one()
-            event = self._touches.get(touch_id)
-            if event is None:
-                event = Event(now, self._local(now), "touch", enrollment.cadence_name, touch.step_index)
-                self._touches[touch_id] = event
-            event.at, event.local = now, self._local(now)
-            event.iteration = touch.iteration
-            event.channel, event.template, event.variant = touch.channel, touch.template, touch.variant
-            event.reason = touch.reason
-            event.status = touch.status
-            event.note = touch.status_reason
-            if touch.status == TouchStatus.planned:
-                event.deferrals.append(f"{self._local(now):%Y-%m-%d %H:%M}: {reason}")
-                event.note = f"{reason}, to {self._local(touch.due_at):%Y-%m-%d %H:%M}"
+    def touched(self, s: Session, touch_id: int, reason: str | None, now: datetime) -> None:
+        """Record touch `touch_id` as dispatching it at `now` left it (deferred for `reason`, or done)."""
+        touch = s.get_one(Touch, touch_id)  # in the session already, as the dispatch left it
+        event = self._touches.get(touch_id)
+        if event is None:
+            cadence = self._cadences.get(touch.enrollment_id)
+            if cadence is None:
+                cadence = self._cadences[touch.enrollment_id] = s.get_one(
+                    Enrollment, touch.enrollment_id
+                ).cadence_name
+            event = Event(now, self._local(now), "touch", cadence, touch.step_index)
+            self._touches[touch_id] = event
+        event.at, event.local = now, self._local(now)
+        event.iteration = touch.iteration
+        event.channel, event.template, event.variant = touch.channel, touch.template, touch.variant
+        event.reason = touch.reason
+        event.status = touch.status
+        event.note = touch.status_reason
+        if touch.status == TouchStatus.planned:
+            event.deferrals.append(f"{self._local(now):%Y-%m-%d %H:%M}: {reason}")
+            event.note = f"{reason}, to {self._local(touch.due_at):%Y-%m-%d %H:%M}"
 
     def outcome(self, engine: Engine, now: datetime, scripted: Scripted) -> None:
         """Record the outcome on the latest touch that went out, or on the latest enrollment."""

@@ -263,3 +263,38 @@ def test_simultaneous_webhooks_for_one_new_contact_on_postgresql(tmp_path: Path,
         assert Counter(e.cadence_name for e in h.enrollments()) == {"open-deal": 8}
     finally:
         h.stop()
+
+
+def test_a_call_task_and_its_touchs_record_commit_together_or_not_at_all(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    harness.post("/webhooks/generic", deal_event())
+    harness.run_days(1)  # the day-0 email goes; the day-2 call waits
+    with store.session(harness.service.db) as s:
+        call = s.exec(select(Touch).where(Touch.channel == "call")).one()
+        call.status, call.queued_at = TouchStatus.queued, call.due_at
+        call_id, due = call.id or 0, call.due_at
+    harness.clock.set(due)
+    dispatcher = harness.service.dispatcher
+    real_finish = dispatcher.finish
+    failures = iter([RuntimeError("planning the next step broke")])
+
+    def failing_finish(*args: Any, **kwargs: Any) -> Any:
+        for error in failures:
+            raise error
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(dispatcher, "finish", failing_finish)
+    with pytest.raises(RuntimeError, match="planning the next step broke"):
+        dispatcher.dispatch(call_id)
+    with store.session(harness.service.db) as s:
+        assert s.exec(select(CallTask)).all() == []  # the task went with the failed record
+        touch = s.get_one(Touch, call_id)
+        assert (touch.status, touch.attempts) == (TouchStatus.queued, 1)
+
+    assert dispatcher.dispatch(call_id).status == TouchStatus.sent
+    with store.session(harness.service.db) as s:
+        [task] = s.exec(select(CallTask)).all()
+        touch = s.get_one(Touch, call_id)
+        assert task.touch_id == call_id
+        assert (touch.status, touch.receipt["reference"]) == (TouchStatus.sent, f"call_task:{task.id}")
