@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import anyio.to_thread
+import msgspec
 import sqlalchemy as sa
 from pydantic import BaseModel, ValidationError
 from sqlmodel import Session, col, select
@@ -94,12 +95,29 @@ def parse_json(body: bytes) -> Any:
     """Strict JSON: no NaN or Infinity, no NUL characters (no database text column holds them)."""
     if b"\x00" in body:
         raise ValueError("body contains a NUL byte")
-    payload = json.loads(body, parse_constant=_no_constant)
+    payload = _fast_json(body)
+    if payload is _UNREAD:
+        payload = json.loads(body, parse_constant=_no_constant)
     # JSON can only carry NUL escaped, so a body without the escape needs no walk through every value.
     path = _nul_path(payload, "") if _NUL_ESCAPE in body else None
     if path is not None:
         raise ValueError(f"{path or 'body'} contains a NUL character")
     return payload
+
+
+#: What `_fast_json` gives for a body it leaves to the standard library.
+_UNREAD = object()
+_DECODER = msgspec.json.Decoder()
+
+
+def _fast_json(body: bytes) -> Any:
+    """The body read by msgspec (half the standard library's time, integers of any size kept whole), or
+    `_UNREAD` when it must be left to the standard library: msgspec refuses some JSON that it reads (a
+    byte-order mark, a lone surrogate, a number too large for a double) and words its errors differently."""
+    try:
+        return _DECODER.decode(body)
+    except msgspec.DecodeError:
+        return _UNREAD
 
 
 def _nul_path(value: Any, path: str) -> str | None:
