@@ -257,9 +257,7 @@ def _copies(db: sa.Engine, enrollment_id: int, count: int) -> None:
             Contact,
             [{"external_id": f"{tag}-{n}", "email": f"c{n}.{tag}@example.com"} for n in range(count)],
         )
-        deals = add(
-            Deal, [{"external_id": f"{tag}-{n}", "contact_id": c} for n, c in enumerate(contacts)]
-        )
+        deals = add(Deal, [{"external_id": f"{tag}-{n}", "contact_id": c} for n, c in enumerate(contacts)])
         pairs = zip(contacts, deals, strict=True)
         enrollments = add(
             Enrollment, [{"contact_id": c, "deal_id": d, "subject": f"deal:{d}"} for c, d in pairs]
@@ -540,9 +538,7 @@ def report(setup: Setup, count: int, cadence: Run, floor: Run, database: str) ->
     for what, target, measured, met in rows:
         print(f"{what:<44} {target:>14} {measured:>14}  {_verdict(met) if target != '-' else ''}")
     print()
-    print(
-        f"Cadence: {cadence.summary('sent')}; the scheduler claimed and queued {cadence.claim_rate:,.0f}/s"
-    )
+    print(f"Cadence: {cadence.summary('sent')}; the scheduler claimed and queued {cadence.claim_rate:,.0f}/s")
     print(f"Dramatiq: {floor.summary('processed')}")
     if setup.profile is not None:
         print(f"py-spy profile of the first Cadence worker: {setup.profile}/worker.svg and worker.txt")
@@ -593,6 +589,7 @@ def main() -> None:
         print(f"Cadence: {args.touches} due touches ...", flush=True)
         cadence = run_cadence(setup, args.touches)
         report(setup, args.touches, cadence, floor, args.database)
+
 
 if __name__ == "__main__":
     main()
