@@ -6,6 +6,7 @@ message delivered twice sends once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -168,6 +169,16 @@ _CLEARED_FOR_CONTACT = (
 
 
 @dataclass(frozen=True)
+class _Draft:
+    """A touch its checks let go, with what rendering its message takes: its message without parts yet,
+    and the template and context to render them from."""
+
+    message: Message
+    template: str
+    context: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Result:
     touch_id: int
     status: str
@@ -275,8 +286,14 @@ class Dispatcher:
         loaded = _load(s, touch_id, lock_contact=self._locks_contact())
         if not self._claim(s, loaded.touch):
             return Result(touch_id, "ignored", _NOT_QUEUED), None
-        outcome, message = self._check(s, loaded)
-        if message is None or not self.channels[message.channel].in_database:
+        outcome, draft = self._check(s, loaded)
+        if draft is None:
+            return outcome, None
+        try:
+            message = self._render(draft)
+        except sandbox.TemplateError as exc:
+            return self.finish(s, loaded.touch, TouchStatus.failed, f"template: {exc}"), None
+        if not self.channels[message.channel].in_database:
             return outcome, message
         receipt = self.channels[message.channel].send_in(s, message)
         self._mark_sent(s, touch_id, receipt, loaded)
@@ -299,7 +316,7 @@ class Dispatcher:
         `batch` (a new one unless given), so a caller that catches an error still has it.
         """
         batch = batch if batch is not None else Batch()
-        prepared: list[Message] = []
+        prepared: list[_Draft] = []
         began = time.monotonic()  # the claim's, which the lease counts from
         with store.session(self.db) as s:
             rows = _load_many(s, touch_ids, lock_contact=self._locks_contact())
@@ -316,23 +333,30 @@ class Dispatcher:
                 if loaded.touch.id not in claimed:
                     batch.results.append(Result(loaded.touch.id or 0, "ignored", _NOT_QUEUED))
                     continue
-                outcome, message = self._check(s, loaded, cleared)
-                if message is None:
+                outcome, draft = self._check(s, loaded, cleared)
+                if draft is None:
                     batch.results.append(outcome)
                     continue
-                prepared.append(message)
+                prepared.append(draft)
                 if cleared is not None:  # counted by the caps of the contact's touches after it
-                    cleared[loaded.enrollment.contact_id].append((message.touch_id, loaded.touch.cleared_at))
+                    cleared[loaded.enrollment.contact_id].append((outcome.touch_id, loaded.touch.cleared_at))
         self._let_go(batch.alone, send_alone)
         # What went out, with its receipt; None for a channel whose delivery is a row of this database,
         # made in the transaction that records it.
         sent: list[tuple[Message, Receipt | None]] = []
         started = 0  # sends begun
         try:
-            for message in prepared:
+            for draft in prepared:
                 if time.monotonic() - began > self.batch_seconds:
                     break
                 started += 1
+                # Rendered now, not in the checks' transaction: no lock is held meanwhile.
+                message, failed = self._rendered(draft)
+                if message is None:
+                    batch.results.append(failed.result)
+                    if failed.retry:
+                        batch.retries.append((draft.message.touch_id, failed.attempts))
+                    continue
                 if self.channels[message.channel].in_database:
                     sent.append((message, None))
                     continue
@@ -348,7 +372,7 @@ class Dispatcher:
             # is recorded; a send in flight stays `sending` for the sweep, which may repeat it, as every
             # batchable channel is idempotent.
             try:
-                late = self._hand_back([m.touch_id for m in prepared[started:]], claimed_at)
+                late = self._hand_back([d.message.touch_id for d in prepared[started:]], claimed_at)
                 batch.alone.extend(late)
                 self._let_go(late, send_alone)
             finally:
@@ -558,9 +582,10 @@ class Dispatcher:
 
     def _check(
         self, s: Session, loaded: _Loaded, cleared: _Cleared | None = None
-    ) -> tuple[Result, Message | None]:
+    ) -> tuple[Result, _Draft | None]:
         """Late binding: everything that may have changed since planning is checked now, for a touch just
-        claimed; its message when it may go out. `cleared` is what the caps count, read for a batch."""
+        claimed; its message, not yet rendered, when it may go out. `cleared` is what the caps count, read
+        for a batch."""
         caps = self.engine.policy.caps
         touch, enrollment = loaded.touch, loaded.enrollment
         touch_id = touch.id or 0
@@ -609,7 +634,6 @@ class Dispatcher:
             slot = timing.due_at(now, 0, calendar, zone)
             if slot > now:
                 return self._defer(touch, slot, f"deferred to {touch.channel}'s hours"), None
-        channel = self.channels[touch.channel]
         capped = self._capped(
             s, caps, touch, enrollment.contact_id, now, zone, calendar, cleared
         ) or self._over_budget(s, spec.budget.per_month if spec.budget else None, touch, now, zone, calendar)
@@ -620,25 +644,39 @@ class Dispatcher:
             sender=dict(self.sender),
             touch=touch_view(touch),
         )
-        try:
-            parts = channel.render(self.templates, touch.template, context)
-        except sandbox.TemplateError as exc:
-            return self.finish(s, touch, TouchStatus.failed, f"template: {exc}"), None
         message = Message(
             key=touch.key,
-            touch_id=touch.id or 0,
+            touch_id=touch_id,
             channel=touch.channel,
             contact=context["contact"],
             deal=context["deal"],
             reason=touch.reason,
             due_at=touch.due_at,
             local_date=now.astimezone(zone).date(),
-            parts=parts,
+            parts={},
             sender=self.sender,
-            priority=self._priority(context) if touch.channel == "call" else 0.0,
         )
         touch.cleared_at = now
-        return Result(touch_id, TouchStatus.sending), message
+        return Result(touch_id, TouchStatus.sending), _Draft(message, touch.template, context)
+
+    def _render(self, draft: _Draft) -> Message:
+        """The draft's message with its parts rendered (and a call's priority worked out); raises
+        sandbox.TemplateError."""
+        message = draft.message
+        parts = self.channels[message.channel].render(self.templates, draft.template, draft.context)
+        priority = self._priority(draft.context) if message.channel == "call" else 0.0
+        return dataclasses.replace(message, parts=parts, priority=priority)
+
+    def _rendered(self, draft: _Draft) -> tuple[Message | None, _Failed]:
+        """`_render` after the checks' transaction. A template that fails fails the touch for good; any other
+        error (a bug, the machine) is retried like a transient send error, within the cap."""
+        touch_id = draft.message.touch_id
+        try:
+            return self._render(draft), _NOT_FAILED
+        except sandbox.TemplateError as exc:
+            return None, self._delivery_failed(touch_id, DeliveryError(f"template: {exc}"))
+        except Exception as exc:
+            return None, self._delivery_failed(touch_id, TransientError(f"rendering: {exc!r}"))
 
     def _unusable(
         self, s: Session, channel: str, context: Mapping[str, Any], now: datetime, may_be_blocked: bool

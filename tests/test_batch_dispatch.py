@@ -3,7 +3,9 @@ all their late checks and one for all their records; whatever cannot go together
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -279,16 +281,17 @@ def test_a_batch_whose_late_checks_fail_sends_each_touch_alone(
 ) -> None:
     ids = enroll(harness, "email", 4)
     unlucky = "c2.email@example.com"  # the third touch's contact
-    render = EmailOutbox.render
+    engine = harness.service.engine
+    decide = engine.exit_decision
     failed: list[str] = []
 
-    def fails_once(self: EmailOutbox, env: Any, template: str, context: dict[str, Any]) -> dict[str, str]:
+    def fails_once(s: Any, enrollment: Any, context: dict[str, Any]) -> Any:
         if context["contact"]["email"] == unlucky and not failed:
             failed.append(unlucky)
-            raise RuntimeError("the template's data source hiccupped")
-        return render(self, env, template, context)
+            raise RuntimeError("the exit condition's data source hiccupped")
+        return decide(s, enrollment, context)
 
-    monkeypatch.setattr(EmailOutbox, "render", fails_once)
+    monkeypatch.setattr(engine, "exit_decision", fails_once)
     with pytest.raises(RuntimeError):
         harness.service.dispatcher.dispatch_many(ids)
     assert [touch(harness, i).status for i in ids] == [TouchStatus.queued] * 4  # every claim rolled back
@@ -299,6 +302,37 @@ def test_a_batch_whose_late_checks_fail_sends_each_touch_alone(
     assert [touch(harness, i).status for i in ids] == [TouchStatus.sent] * 4
     assert len(emails(harness)) == 4
     assert next_steps(harness) == 4
+
+
+def test_a_batch_renders_after_committing_its_checks_and_retries_a_render_that_breaks(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = enroll(harness, "email", 3)
+    render = EmailOutbox.render
+    database = harness.service.db.url.database
+    committed: list[str] = []
+
+    def breaks_once(self: EmailOutbox, env: Any, template: str, context: dict[str, Any]) -> dict[str, str]:
+        touch_id = context["touch"]["id"]
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as reader:
+            [(status,)] = reader.execute("SELECT status FROM touch WHERE id = ?", (touch_id,))
+        committed.append(status)  # what another process sees while the touch renders
+        if touch_id == ids[1] and len(committed) == 2:
+            raise RuntimeError("a filter broke")
+        return render(self, env, template, context)
+
+    monkeypatch.setattr(EmailOutbox, "render", breaks_once)
+    batch = harness.service.dispatcher.dispatch_many(ids)
+    assert committed == [TouchStatus.sending] * 3  # the claims were committed before rendering began
+    assert batch.retries == [(ids[1], 1)]
+    assert [r.status for r in batch.results] == [TouchStatus.queued, TouchStatus.sent, TouchStatus.sent]
+    left = touch(harness, ids[1])
+    assert left.status == TouchStatus.queued
+    assert left.status_reason == "retrying: rendering: RuntimeError('a filter broke')"
+    assert len(emails(harness)) == 2
+    assert harness.service.dispatcher.dispatch(ids[1]).status == TouchStatus.sent
+    assert [touch(harness, i).status for i in ids] == [TouchStatus.sent] * 3
+    assert next_steps(harness) == 3
 
 
 def test_a_transient_failure_in_a_batch_is_retried_alone_after_a_pause(
