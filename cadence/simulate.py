@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 
 import jinja2
 import sqlalchemy as sa
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, SQLModel, col, select
 
@@ -282,6 +283,10 @@ _NEXT_DUE = (
 )
 
 
+#: The scheduler's claim of one touch. Made once.
+_QUEUE = sa.update(Touch).where(col(Touch.id) == sa.bindparam("touch_id")).values(status=TouchStatus.queued)
+
+
 def run(
     rules: RuleSet,
     name: str,
@@ -359,8 +364,8 @@ def _run(
                 # Claimed as the scheduler claims it, then dispatched: the dry channels deliver to the
                 # database, so the checks, the send and the record are this one transaction.
                 touch_id = touch.id or 0
-                touch.status = TouchStatus.queued
-                s.flush()
+                s.connection().execute(_QUEUE, {"touch_id": touch_id})
+                set_committed_value(touch, "status", TouchStatus.queued)
                 clock.set(max(touch.due_at, clock()))
                 result, _ = dispatcher.dispatch_in(s, touch_id)
                 timeline.touched(s, touch_id, result.reason, clock())
