@@ -83,3 +83,38 @@ def test_a_new_row_is_written_read_back_and_its_changes_saved(db: sa.Engine) -> 
         assert {k: v for k, v in _columns(read).items() if k not in ("id", "status", "enrollment_id")} == {
             k: v for k, v in _columns(Touch(**TOUCH)).items() if k not in ("id", "status", "enrollment_id")
         }
+
+
+def test_a_batchs_insert_on_postgresql_is_converted_by_psycopg_once(postgres_url: str) -> None:
+    """psycopg converts a statement's parameters in Python; a batch's multi-row INSERT, hundreds of
+    parameters long, is kept converted, so the next batch of the same size reuses it."""
+    from psycopg import _queries
+
+    db = store.create_engine(postgres_url)
+    try:
+        store.migrate(db)
+
+        def insert_batch(first: int) -> None:
+            rows = [
+                store.new_row(
+                    Contact,
+                    source="crm",
+                    external_id=str(n),
+                    email=f"c{n}@example.com",
+                    created_at=NOW,
+                    updated_at=NOW,
+                )
+                for n in range(first, first + 32)
+            ]
+            with store.session(db) as s:
+                assert len(store.insert_all_unless_taken(s, rows, ("source", "external_id"))) == 32
+
+        insert_batch(0)
+        before = _queries._query2pg.cache_info()
+        insert_batch(32)
+        after = _queries._query2pg.cache_info()
+        assert (after.hits - before.hits, after.misses - before.misses) == (1, 0)
+        with store.session(db) as s:
+            assert len(s.exec(select(Contact)).all()) == 64
+    finally:
+        db.dispose()
