@@ -303,85 +303,68 @@ def run(
 ) -> list[Event]:
     """Enroll the contact in cadence `name` at `start` and run the service for `days` days."""
     with _private_database() as db:
-        return _run(
-            db, rules, name, start, contact, deal, days, templates, sender, default_timezone, outcomes, blocks
-        )
-
-
-def _run(
-    db: sa.Engine,
-    rules: RuleSet,
-    name: str,
-    start: datetime,
-    contact: Mapping[str, Any],
-    deal: Mapping[str, Any] | None,
-    days: int,
-    templates: jinja2.Environment,
-    sender: Mapping[str, str],
-    default_timezone: str,
-    outcomes: Sequence[Scripted],
-    blocks: Sequence[BlockedAtStart],
-) -> list[Event]:
-    clock = ManualClock(start)
-    engine = Engine(lambda: rules, default_timezone)
-    channels: dict[str, Channel] = {
-        real.name: _Dry(real) for real in (EmailOutbox, SmsOutbox, LetterOutbox, CallTasks)
-    }
-    dispatcher = Dispatcher(db, engine, channels, templates, sender, clock, Metrics())
-    end = start + timedelta(days=days)
-    zone = timing.zone_for(contact.get("timezone"), rules.get(name).calendar, default_timezone)
-    with store.session(db) as s:
-        person = engine.upsert_contact(
-            s, "simulate", ContactData.model_validate({"id": "1", **contact}), start
-        )
-        for block in blocks:
-            s.add(
-                Block(
-                    contact_id=person.id or 0,
-                    channel=block.channel,
-                    reason="blocked when the simulation starts",
-                    starts_at=start,
-                    until=start + timedelta(days=block.days) if block.days else None,
-                )
-            )
-        subject = None
-        if deal is not None:
-            data = DealData.model_validate({"id": "1", "status": "open", **deal})
-            subject = engine.upsert_deal(s, "simulate", data, person, None, start)
-        s.flush()
-        engine.enroll(s, name, person, subject, start, origin="simulate")
-    pending = sorted(_scripted_times(outcomes, start, zone), key=lambda item: item[0])
-    timeline = _Timeline(db, zone)
-    for _ in range(MAX_STEPS):
+        clock = ManualClock(start)
+        engine = Engine(lambda: rules, default_timezone)
+        channels: dict[str, Channel] = {
+            real.name: _Dry(real) for real in (EmailOutbox, SmsOutbox, LetterOutbox, CallTasks)
+        }
+        dispatcher = Dispatcher(db, engine, channels, templates, sender, clock, Metrics())
+        end = start + timedelta(days=days)
+        zone = timing.zone_for(contact.get("timezone"), rules.get(name).calendar, default_timezone)
         with store.session(db) as s:
-            found = s.exec(_NEXT_DUE).first()
-            touch, block_ends = found if found is not None else (None, s.exec(_BLOCK_ENDS).one())
-            due = touch.due_at if touch is not None else None
-            if block_ends is not None and (block_ends > end or (due is not None and block_ends > due)):
-                block_ends = None  # none runs out before the next touch, within the span
-            outcome_first = bool(pending) and (due is None or pending[0][0] <= due) and pending[0][0] <= end
-            if touch is not None and touch.due_at <= end and block_ends is None and not outcome_first:
-                # Claimed as the scheduler claims it, then dispatched: the dry channels deliver to the
-                # database, so the checks, the send and the record are this one transaction.
-                touch_id = touch.id or 0
-                s.connection().execute(_QUEUE, {"touch_id": touch_id})
-                set_committed_value(touch, "status", TouchStatus.queued)
-                clock.set(max(touch.due_at, clock()))
-                result, _ = dispatcher.dispatch_in(s, touch_id)
-                timeline.touched(s, touch_id, result.reason, clock())
-                continue
-        if block_ends is not None:
-            clock.set(max(block_ends, clock()))
+            person = engine.upsert_contact(
+                s, "simulate", ContactData.model_validate({"id": "1", **contact}), start
+            )
+            for block in blocks:
+                s.add(
+                    Block(
+                        contact_id=person.id or 0,
+                        channel=block.channel,
+                        reason="blocked when the simulation starts",
+                        starts_at=start,
+                        until=start + timedelta(days=block.days) if block.days else None,
+                    )
+                )
+            subject = None
+            if deal is not None:
+                data = DealData.model_validate({"id": "1", "status": "open", **deal})
+                subject = engine.upsert_deal(s, "simulate", data, person, None, start)
+            s.flush()
+            engine.enroll(s, name, person, subject, start, origin="simulate")
+        pending = sorted(_scripted_times(outcomes, start, zone), key=lambda item: item[0])
+        timeline = _Timeline(db, zone)
+        for _ in range(MAX_STEPS):
             with store.session(db) as s:
-                engine.blocks_ended(s, clock())
-            continue
-        if outcome_first:
-            at, scripted = pending.pop(0)
-            clock.set(max(at, clock()))
-            timeline.outcome(engine, clock(), scripted)
-            continue
-        break
-    return timeline.events()
+                found = s.exec(_NEXT_DUE).first()
+                touch, block_ends = found if found is not None else (None, s.exec(_BLOCK_ENDS).one())
+                due = touch.due_at if touch is not None else None
+                if block_ends is not None and (block_ends > end or (due is not None and block_ends > due)):
+                    block_ends = None  # none runs out before the next touch, within the span
+                outcome_first = (
+                    bool(pending) and (due is None or pending[0][0] <= due) and pending[0][0] <= end
+                )
+                if touch is not None and touch.due_at <= end and block_ends is None and not outcome_first:
+                    # Claimed as the scheduler claims it, then dispatched: the dry channels deliver to the
+                    # database, so the checks, the send and the record are this one transaction.
+                    touch_id = touch.id or 0
+                    s.connection().execute(_QUEUE, {"touch_id": touch_id})
+                    set_committed_value(touch, "status", TouchStatus.queued)
+                    clock.set(max(touch.due_at, clock()))
+                    result, _ = dispatcher.dispatch_in(s, touch_id)
+                    timeline.touched(s, touch_id, result.reason, clock())
+                    continue
+            if block_ends is not None:
+                clock.set(max(block_ends, clock()))
+                with store.session(db) as s:
+                    engine.blocks_ended(s, clock())
+                continue
+            if outcome_first:
+                at, scripted = pending.pop(0)
+                clock.set(max(at, clock()))
+                timeline.outcome(engine, clock(), scripted)
+                continue
+            break
+        return timeline.events()
 
 
 def _scripted_times(
