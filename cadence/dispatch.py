@@ -128,7 +128,14 @@ _CLAIM_ALL = (
     .where(
         col(Touch.id).in_(sa.bindparam("ids", expanding=True)), col(Touch.status) == sa.bindparam("queued")
     )
-    .values(status=TouchStatus.sending, sending_at=sa.bindparam("sending_at"), attempts=Touch.attempts + 1)
+    .values(
+        status=TouchStatus.sending,
+        sending_at=sa.bindparam("sending_at"),
+        # Let go by its checks, unless they find otherwise (`_check` clears it then): set here, it costs
+        # no update of its own. It is seen only once the checks' transaction commits.
+        cleared_at=sa.bindparam("sending_at"),
+        attempts=Touch.attempts + 1,
+    )
     .returning(col(Touch.id))
 )
 
@@ -328,7 +335,8 @@ class Dispatcher:
                 else:
                     together.append(loaded)
             claimed, claimed_at = self._claim_all(s, [loaded.touch for loaded in together])
-            cleared = self._cleared_for_contacts(s, {loaded.enrollment.contact_id for loaded in together})
+            contacts = {loaded.enrollment.contact_id for loaded in together}
+            cleared = self._cleared_for_contacts(s, contacts, claimed)
             for loaded in together:
                 if loaded.touch.id not in claimed:
                     batch.results.append(Result(loaded.touch.id or 0, "ignored", _NOT_QUEUED))
@@ -441,13 +449,14 @@ class Dispatcher:
             if touch.id in claimed:
                 set_committed_value(touch, "status", TouchStatus.sending)
                 set_committed_value(touch, "sending_at", now)
+                set_committed_value(touch, "cleared_at", now)
                 set_committed_value(touch, "attempts", touch.attempts + 1)
         return claimed, now
 
-    def _cleared_for_contacts(self, s: Session, contacts: set[int]) -> _Cleared | None:
+    def _cleared_for_contacts(self, s: Session, contacts: set[int], claimed: set[int]) -> _Cleared | None:
         """For the caps, when each contact's touches were let go in the last eight days, with their ids,
-        read once for a batch (None without caps). Read after the batch's claims and before any of its
-        touches is let go: each is added as it is (see `dispatch_many`)."""
+        read once for a batch (None without caps). Read after the batch's claims, leaving them out (a claim
+        counts as let go only once its checks pass): each is added as they do (see `dispatch_many`)."""
         if not self._locks_contact() or not contacts:
             return None
         found: _Cleared = defaultdict(list)
@@ -455,7 +464,8 @@ class Dispatcher:
         for contact_id, touch_id, at in s.exec(
             _CLEARED_FOR_CONTACTS, params={"contacts": list(contacts), "since": since}
         ):
-            found[contact_id].append((touch_id or 0, at))
+            if touch_id not in claimed:
+                found[contact_id].append((touch_id or 0, at))
         return found
 
     def _claim(self, s: Session, touch: Touch) -> bool:
@@ -585,7 +595,13 @@ class Dispatcher:
     ) -> tuple[Result, _Draft | None]:
         """Late binding: everything that may have changed since planning is checked now, for a touch just
         claimed; its message, not yet rendered, when it may go out. `cleared` is what the caps count, read
-        for a batch."""
+        for a batch. A touch the checks keep back is no longer counted as let go (see `_CLAIM_ALL`)."""
+        outcome, draft = self._decide(s, loaded, cleared)
+        if draft is None:
+            loaded.touch.cleared_at = None
+        return outcome, draft
+
+    def _decide(self, s: Session, loaded: _Loaded, cleared: _Cleared | None) -> tuple[Result, _Draft | None]:
         caps = self.engine.policy.caps
         touch, enrollment = loaded.touch, loaded.enrollment
         touch_id = touch.id or 0
@@ -656,7 +672,6 @@ class Dispatcher:
             parts={},
             sender=self.sender,
         )
-        touch.cleared_at = now
         return Result(touch_id, TouchStatus.sending), _Draft(message, touch.template, context)
 
     def _render(self, draft: _Draft) -> Message:

@@ -145,6 +145,9 @@ def test_a_batch_takes_two_transactions_whatever_its_size(harness: Harness) -> N
     assert sum(s.startswith("SELECT touch.id") and "JOIN cadence_version" in s for s in seen) == 2
     assert sum(s.startswith("UPDATE touch SET status=?") and "RETURNING" in s for s in seen) == 1
     assert sum(s.startswith("SELECT enrollment.contact_id, touch.id, touch.cleared_at") for s in seen) == 1
+    # The claim marks a touch let go by its checks as well: the checks write no touch again.
+    assert [s for s in seen if s.startswith("UPDATE touch SET cleared_at")] == []
+    assert all(touch(harness, i).cleared_at == touch(harness, i).sending_at is not None for i in ids)
     assert sorted(r.touch_id for r in batch.results) == ids
     assert {r.status for r in batch.results} == {TouchStatus.sent}
     assert (batch.alone, batch.retries) == ([], [])
@@ -217,6 +220,7 @@ def test_the_caps_count_what_a_batch_lets_go_and_what_went_before(harness: Harne
     assert [(r.touch_id, r.status) for r in batch.results] == [(second, TouchStatus.planned), (first, "sent")]
     assert batch.results[0].reason == "deferred: 1 touch(es) a day cap"
     assert touch(harness, second).due_at.date() > harness.clock().date()
+    assert (touch(harness, first).cleared_at, touch(harness, second).cleared_at) == (harness.clock(), None)
     # The other contact: a touch of a second enrollment, sent alone first, then one in a batch.
     body = deal_event("evt-3", deal_id="d-3", contact_id="c-other", stage="call")
     assert harness_ok(harness.post("/webhooks/generic", body))
