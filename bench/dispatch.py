@@ -67,7 +67,8 @@ POLL_SECONDS = 0.5
 #: Seconds between RSS samples of the worker processes.
 SAMPLE_SECONDS = 0.1
 #: Seconds between scheduler ticks once the first has claimed everything due: the service's default
-#: (SCHEDULER_INTERVAL_SECONDS), as a deployment runs it. Ticks every 0.2 s took about 9% of PostgreSQL's rate.
+#: (SCHEDULER_INTERVAL_SECONDS), as a deployment runs it. Ticks every 0.2 s took about 9% of PostgreSQL's
+#: rate.
 TICK_SECONDS = 5.0
 #: Local hour the contacts are placed at, inside every channel's quiet hours, so nothing is deferred.
 LOCAL_HOUR = 13
