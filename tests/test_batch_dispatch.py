@@ -107,8 +107,11 @@ def next_steps(h: Harness) -> int:
     return sum(t.step_index == 1 for t in h.touches())
 
 
-def relay_busy_once(monkeypatch: pytest.MonkeyPatch, key: str) -> None:
-    """The email to the touch with this key is refused once with a transient error; the rest go out."""
+def three_emails_the_second_refused_once(h: Harness, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Three email touches queued; the second's email is refused once with a transient error, the rest go
+    out. Their ids."""
+    ids = enroll(h, "email", 3)
+    key = touch(h, ids[1]).key
     send = EmailOutbox.send
     refused: list[str] = []
 
@@ -119,6 +122,7 @@ def relay_busy_once(monkeypatch: pytest.MonkeyPatch, key: str) -> None:
         return send(self, message)
 
     monkeypatch.setattr(EmailOutbox, "send", refuses_once)
+    return ids
 
 
 def records_fail(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -342,9 +346,7 @@ def test_a_batch_renders_after_committing_its_checks_and_retries_a_render_that_b
 def test_a_transient_failure_in_a_batch_is_retried_alone_after_a_pause(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ids = enroll(harness, "email", 3)
-    unlucky = touch(harness, ids[1]).key
-    relay_busy_once(monkeypatch, unlucky)
+    ids = three_emails_the_second_refused_once(harness, monkeypatch)
     queued: list[dict[str, Any]] = []
     single = harness.service.actor
     original = single.send_with_options
@@ -464,9 +466,7 @@ def test_a_batch_whose_record_fails_still_hands_back_what_it_did_not_begin(
 def test_after_a_batch_error_a_touch_waiting_for_its_retry_keeps_its_pause(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ids = enroll(harness, "email", 3)
-    unlucky = touch(harness, ids[1]).key
-    relay_busy_once(monkeypatch, unlucky)
+    ids = three_emails_the_second_refused_once(harness, monkeypatch)
     records_fail(monkeypatch)
     alone: list[list[int]] = []
     later: list[dict[str, Any]] = []
