@@ -91,33 +91,26 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+#: Reads webhook bodies (see `parse_json`).
+_DECODER = msgspec.json.Decoder()
+
+
 def parse_json(body: bytes) -> Any:
     """Strict JSON: no NaN or Infinity, no NUL characters (no database text column holds them)."""
     if b"\x00" in body:
         raise ValueError("body contains a NUL byte")
-    payload = _fast_json(body)
-    if payload is _UNREAD:
+    try:
+        payload = _DECODER.decode(body)
+    except msgspec.DecodeError:
+        # msgspec (half the standard library's time, integers of any size kept whole) refuses some JSON the
+        # standard library reads (a byte-order mark, a lone surrogate, a number too large for a double),
+        # and words its errors differently: the standard library decides those.
         payload = json.loads(body, parse_constant=_no_constant)
     # JSON can only carry NUL escaped, so a body without the escape needs no walk through every value.
     path = _nul_path(payload, "") if _NUL_ESCAPE in body else None
     if path is not None:
         raise ValueError(f"{path or 'body'} contains a NUL character")
     return payload
-
-
-#: What `_fast_json` gives for a body it leaves to the standard library.
-_UNREAD = object()
-_DECODER = msgspec.json.Decoder()
-
-
-def _fast_json(body: bytes) -> Any:
-    """The body read by msgspec (half the standard library's time, integers of any size kept whole), or
-    `_UNREAD` when it must be left to the standard library: msgspec refuses some JSON that it reads (a
-    byte-order mark, a lone surrogate, a number too large for a double) and words its errors differently."""
-    try:
-        return _DECODER.decode(body)
-    except msgspec.DecodeError:
-        return _UNREAD
 
 
 def _nul_path(value: Any, path: str) -> str | None:
