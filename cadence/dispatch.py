@@ -132,7 +132,7 @@ _CLAIM_ALL = (
         status=TouchStatus.sending,
         sending_at=sa.bindparam("sending_at"),
         # Let go by its checks, unless they find otherwise (`_check` clears it then): set here, it costs
-        # no update of its own. It is seen only once the checks' transaction commits.
+        # no update of its own. It is seen only once the transaction that checks the touch commits.
         cleared_at=sa.bindparam("sending_at"),
         attempts=Touch.attempts + 1,
     )
@@ -201,28 +201,6 @@ class _Failed(NamedTuple):
     attempts: int = 0
 
 
-_NOT_FAILED = _Failed(Result(0, TouchStatus.sent))
-
-#: Claimed touches a batch did not get to send: back to queued, as if never claimed. Made once.
-_HAND_BACK = (
-    sa.update(Touch)
-    .where(
-        col(Touch.id).in_(sa.bindparam("ids", expanding=True)),
-        col(Touch.status) == TouchStatus.sending,
-        # Still this batch's claim: not one a worker made after the sweep took the touch back.
-        col(Touch.sending_at) == sa.bindparam("claimed_at"),
-    )
-    .values(
-        status=TouchStatus.queued,
-        queued_at=sa.bindparam("queued_at"),
-        sending_at=None,
-        cleared_at=None,
-        attempts=Touch.attempts - 1,
-    )
-    .returning(col(Touch.id))
-)
-
-
 @dataclass
 class Batch:
     """What `Dispatcher.dispatch_many` did with its touches."""
@@ -234,6 +212,12 @@ class Batch:
     alone: list[int] = field(default_factory=list)
     #: Touches queued again after a transient error, with the attempts each has had, for a delayed retry.
     retries: list[tuple[int, int]] = field(default_factory=list)
+
+    def add(self, failed: _Failed) -> None:
+        """A touch that was not delivered: its result, and its retry when it is queued for one."""
+        self.results.append(failed.result)
+        if failed.retry:
+            self.retries.append((failed.result.touch_id, failed.attempts))
 
 
 class Dispatcher:
@@ -276,8 +260,10 @@ class Dispatcher:
         if outcome.status == TouchStatus.sent:
             self._sent(message)
             return outcome
-        receipt, failed = self._send(message)
-        if receipt is None:
+        receipt = self._send(message)
+        if isinstance(receipt, DeliveryError):
+            with store.session(self.db) as s:
+                failed = self._not_delivered(s, s.get_one(Touch, touch_id), receipt)
             if failed.retry:
                 raise failed.retry  # the broker retries with backoff; the touch is queued for that retry
             return failed.result
@@ -312,79 +298,69 @@ class Dispatcher:
         send_alone: Callable[[list[int]], None] | None = None,
         batch: Batch | None = None,
     ) -> Batch:
-        """Send several touches with one transaction for all their late checks and one for all their
-        records, instead of two each: what a worker does with a batch from the scheduler.
+        """Send several touches in one transaction: their late checks, their sends and their records with the
+        next steps planned, instead of two transactions each. What a worker does with a batch from the
+        scheduler.
 
-        Only touches whose channel is `batchable` (idempotent, and quick because it stays on this machine)
-        go through the batch; the others are left queued and listed in `alone`, as are those whose turn
-        comes `batch_seconds` after the batch's claim; `send_alone`, if given, gets each lot as soon as it
-        is known, to give each touch a message of its own. An error in the late checks rolls back every
-        claim and is raised: the caller then gives each touch a message of its own. What was done goes to
-        `batch` (a new one unless given), so a caller that catches an error still has it.
+        Only touches whose channel is `batchable` go through the batch: idempotent, and quick because the send
+        stays on this machine (a file, a row), so it may run inside the transaction. Should the transaction
+        roll back after a send, nothing of the batch is recorded: each touch is sent again alone, which writes
+        the same file (by its key) once more. The others are left queued and listed in `alone`, as are those
+        whose turn comes `batch_seconds` after the batch began; `send_alone`, if given, gets each lot as soon
+        as it is known, to give each touch a message of its own. An error rolls back the whole batch and is
+        raised: the caller then gives each touch a message of its own. `batch` (a new one unless given)
+        gets the results, and keeps the touches to go alone and those to retry after a pause when an error
+        is raised, for a caller that catches it.
         """
         batch = batch if batch is not None else Batch()
-        prepared: list[_Draft] = []
-        began = time.monotonic()  # the claim's, which the lease counts from
-        with store.session(self.db) as s:
-            rows = _load_many(s, touch_ids, lock_contact=self._locks_contact())
-            together: list[_Loaded] = []
-            for touch_id in touch_ids:
-                loaded = rows.get(touch_id) or _load(s, touch_id)  # a touch not found raises, by its id
-                if loaded.touch.status == TouchStatus.queued and not self._batchable(s, loaded):
-                    batch.alone.append(touch_id)
-                else:
-                    together.append(loaded)
-            claimed, claimed_at = self._claim_all(s, [loaded.touch for loaded in together])
-            contacts = {loaded.enrollment.contact_id for loaded in together}
-            cleared = self._cleared_for_contacts(s, contacts, claimed)
-            for loaded in together:
-                if loaded.touch.id not in claimed:
-                    batch.results.append(Result(loaded.touch.id or 0, "ignored", _NOT_QUEUED))
-                    continue
-                outcome, draft = self._check(s, loaded, cleared)
-                if draft is None:
-                    batch.results.append(outcome)
-                    continue
-                prepared.append(draft)
-                if cleared is not None:  # counted by the caps of the contact's touches after it
-                    cleared[loaded.enrollment.contact_id].append((outcome.touch_id, loaded.touch.cleared_at))
-        self._let_go(batch.alone, send_alone)
-        # What went out, with its receipt; None for a channel whose delivery is a row of this database,
-        # made in the transaction that records it.
-        sent: list[tuple[Message, Receipt | None]] = []
-        started = 0  # sends begun
+        began = time.monotonic()
+        late: list[int] = []
+        # What goes out, with its receipt (None for a channel whose delivery is a row of this database, made
+        # below with the others) and the touch's rows.
+        sent: list[tuple[Message, Receipt | None, _Loaded]] = []
         try:
-            for draft in prepared:
-                if time.monotonic() - began > self.batch_seconds:
-                    break
-                started += 1
-                # Rendered now, not in the checks' transaction: no lock is held meanwhile.
-                message, failed = self._rendered(draft)
-                if message is None:
-                    batch.results.append(failed.result)
-                    if failed.retry:
-                        batch.retries.append((draft.message.touch_id, failed.attempts))
-                    continue
-                if self.channels[message.channel].in_database:
-                    sent.append((message, None))
-                    continue
-                receipt, failed = self._send(message)
-                if receipt is not None:
-                    sent.append((message, receipt))
-                    continue
-                batch.results.append(failed.result)
-                if failed.retry:
-                    batch.retries.append((message.touch_id, failed.attempts))
-        finally:
-            # Even when interrupted (a time limit), what was not begun is handed back and what went out
-            # is recorded; a send in flight stays `sending` for the sweep, which may repeat it, as every
-            # batchable channel is idempotent.
-            try:
-                late = self._hand_back([d.message.touch_id for d in prepared[started:]], claimed_at)
-                batch.alone.extend(late)
-                self._let_go(late, send_alone)
-            finally:
-                self._record_all(sent, batch)
+            with store.session(self.db) as s:
+                rows = _load_many(s, touch_ids, lock_contact=self._locks_contact())
+                together: list[_Loaded] = []
+                for touch_id in touch_ids:
+                    loaded = rows.get(touch_id) or _load(s, touch_id)  # a touch not found raises, by its id
+                    if loaded.touch.status == TouchStatus.queued and not self._batchable(s, loaded):
+                        batch.alone.append(touch_id)
+                    else:
+                        together.append(loaded)
+                self._let_go(batch.alone, send_alone)
+                claimed = self._claim_all(s, [loaded.touch for loaded in together])
+                contacts = {loaded.enrollment.contact_id for loaded in together}
+                cleared = self._cleared_for_contacts(s, contacts, claimed)
+                for loaded in together:
+                    touch = loaded.touch
+                    if touch.id not in claimed:
+                        batch.results.append(Result(touch.id or 0, "ignored", _NOT_QUEUED))
+                        continue
+                    if time.monotonic() - began > self.batch_seconds:
+                        self._unclaim(touch)
+                        late.append(touch.id or 0)
+                        continue
+                    outcome, draft = self._check(s, loaded, cleared)
+                    if draft is None:
+                        batch.results.append(outcome)
+                        continue
+                    delivered = self._deliver(s, touch, draft)
+                    if isinstance(delivered, _Failed):
+                        batch.add(delivered)
+                        continue
+                    sent.append((*delivered, loaded))
+                    if cleared is not None:  # counted by the caps of the contact's touches after it
+                        cleared[loaded.enrollment.contact_id].append((outcome.touch_id, touch.cleared_at))
+                self._record_all(s, sent)
+        except BaseException:
+            batch.results.clear()  # rolled back: none of it happened
+            raise
+        batch.alone.extend(late)
+        self._let_go(late, send_alone)
+        for message, _, _ in sent:
+            self._sent(message)
+            batch.results.append(Result(message.touch_id, TouchStatus.sent))
         return batch
 
     @staticmethod
@@ -397,17 +373,15 @@ class Dispatcher:
         except Exception:
             log.warning("queuing touches alone failed", exc_info=True, extra={"touches": touch_ids})
 
-    def _send(self, message: Message) -> tuple[Receipt | None, _Failed]:
-        """The channel's receipt, or (None, how the touch was left) when nothing was delivered."""
+    def _send(self, message: Message) -> Receipt | DeliveryError:
+        """The channel's receipt, or the error by which nothing was delivered (see `_not_delivered`)."""
         try:
-            return self.channels[message.channel].send(message), _NOT_FAILED
-        except RateLimited as exc:
-            return None, _Failed(self._rate_limited(message.touch_id, exc))
+            return self.channels[message.channel].send(message)
         except DeliveryError as exc:
-            return None, self._delivery_failed(message.touch_id, exc)
+            return exc
         except Exception as exc:
             # A provider bug or the machine (a full disk): retried like a transient error, within the cap.
-            return None, self._delivery_failed(message.touch_id, TransientError(repr(exc)))
+            return TransientError(repr(exc))
 
     def _sent(self, message: Message) -> None:
         late = (self.clock() - message.due_at).total_seconds()
@@ -415,15 +389,6 @@ class Dispatcher:
         log.info(
             "touch sent", extra={"touch": message.key, "channel": message.channel, "reason": message.reason}
         )
-
-    def _hand_back(self, touch_ids: list[int], claimed_at: datetime | None) -> list[int]:
-        """Claimed touches a batch did not get to: queued again, the attempt uncounted; those handed back."""
-        if not touch_ids:
-            return []
-        parameters = {"ids": touch_ids, "queued_at": self.clock(), "claimed_at": claimed_at}
-        with self.db.begin() as connection:
-            rows = connection.execute(_HAND_BACK, parameters).all()
-        return [row[0] or 0 for row in rows]
 
     def _batchable(self, s: Session, loaded: _Loaded) -> bool:
         """Whether the touch may go in a batch: every channel it may go out on is batchable."""
@@ -434,12 +399,12 @@ class Dispatcher:
         options = point.choose if point is not None else ()
         return all(getattr(self.channels.get(option.channel), "batchable", False) for option in options)
 
-    def _claim_all(self, s: Session, touches: list[Touch]) -> tuple[set[int], datetime]:
-        """`_claim` for several touches in one statement; the ids of those claimed, and when."""
+    def _claim_all(self, s: Session, touches: list[Touch]) -> set[int]:
+        """`_claim` for several touches in one statement; the ids of those claimed."""
         now = self.clock()
         queued = [touch for touch in touches if touch.status == TouchStatus.queued]
         if not queued:
-            return set(), now
+            return set()
         ids = [touch.id for touch in queued]
         rows = s.connection().execute(
             _CLAIM_ALL, {"ids": ids, "queued": TouchStatus.queued, "sending_at": now}
@@ -451,7 +416,13 @@ class Dispatcher:
                 set_committed_value(touch, "sending_at", now)
                 set_committed_value(touch, "cleared_at", now)
                 set_committed_value(touch, "attempts", touch.attempts + 1)
-        return claimed, now
+        return claimed
+
+    def _unclaim(self, touch: Touch) -> None:
+        """A claimed touch a batch did not get to: queued again as if never claimed, the attempt uncounted."""
+        touch.status, touch.queued_at = TouchStatus.queued, self.clock()
+        touch.sending_at = touch.cleared_at = None
+        touch.attempts -= 1
 
     def _cleared_for_contacts(self, s: Session, contacts: set[int], claimed: set[int]) -> _Cleared | None:
         """For the caps, when each contact's touches were let go in the last eight days, with their ids,
@@ -472,8 +443,7 @@ class Dispatcher:
         """Take the touch from queued to sending; False if it is not queued (already sent, being sent, or
         cancelled). The update's condition decides between two workers holding the same message: the second
         waits for the first's transaction and then finds the touch no longer queued."""
-        claimed, _ = self._claim_all(s, [touch])
-        return touch.id in claimed
+        return touch.id in self._claim_all(s, [touch])
 
     def _give_back(self, touch_id: int, why: str) -> None:
         with store.session(self.db) as s:
@@ -506,42 +476,14 @@ class Dispatcher:
                 log.warning("recording a sent touch failed; trying again", extra={"touch_id": touch_id})
                 time.sleep(RECORD_BACKOFF_SECONDS * attempt)
 
-    def _record_all(self, sent: list[tuple[Message, Receipt | None]], batch: Batch) -> None:
-        """Record a batch's deliveries in one transaction, making those that are rows of this database in it
-        too; if that fails, each on its own, with its tries. Their results go to `batch`."""
-        if not sent:
-            return
-        try:
-            with store.session(self.db) as s:
-                rows = _load_many(s, [message.touch_id for message, _ in sent])
-                receipts = self._send_in(s, sent)
-                later: list[Touch] = []
-                for message, made in receipts:
-                    self._mark_sent(s, message.touch_id, made, rows.get(message.touch_id), later)
-                store.insert_all_unless_taken(s, later, TOUCH_KEY)
-        except Exception:
-            log.warning("recording a batch of sent touches failed; recording each alone", exc_info=True)
-        else:
-            for message, _ in sent:
-                self._recorded(message, batch)
-            return
-        failure: Exception | None = None
-        for message, receipt in sent:
-            try:
-                if receipt is None:
-                    receipt, failed = self._send(message)
-                    if receipt is None:
-                        batch.results.append(failed.result)
-                        if failed.retry:
-                            batch.retries.append((message.touch_id, failed.attempts))
-                        continue
-                self._record_sent(message.touch_id, receipt)
-                self._recorded(message, batch)
-            except Exception as exc:  # the others are recorded all the same; the sweep sees to this one
-                log.exception("recording a sent touch failed", extra={"touch_id": message.touch_id})
-                failure = failure or exc
-        if failure is not None:
-            raise failure
+    def _record_all(self, s: Session, sent: list[tuple[Message, Receipt | None, _Loaded]]) -> None:
+        """Record a batch's deliveries in its transaction `s`, making those that are rows of this database
+        there too (one statement a channel), and insert the next touches with one statement."""
+        receipts = self._send_in(s, [(message, receipt) for message, receipt, _ in sent])
+        later: list[Touch] = []
+        for (message, receipt), (_, _, loaded) in zip(receipts, sent, strict=True):
+            self._mark_sent(s, message.touch_id, receipt, loaded, later)
+        store.insert_all_unless_taken(s, later, TOUCH_KEY)
 
     def _send_in(
         self, s: Session, sent: list[tuple[Message, Receipt | None]]
@@ -558,10 +500,6 @@ class Dispatcher:
                 (message.touch_id, receipt) for message, receipt in zip(messages, receipts, strict=True)
             )
         return [(message, receipt or made[message.touch_id]) for message, receipt in sent]
-
-    def _recorded(self, message: Message, batch: Batch) -> None:
-        self._sent(message)
-        batch.results.append(Result(message.touch_id, TouchStatus.sent))
 
     def _mark_sent(
         self,
@@ -682,16 +620,23 @@ class Dispatcher:
         priority = self._priority(draft.context) if message.channel == "call" else 0.0
         return dataclasses.replace(message, parts=parts, priority=priority)
 
-    def _rendered(self, draft: _Draft) -> tuple[Message | None, _Failed]:
-        """`_render` after the checks' transaction. A template that fails fails the touch for good; any other
-        error (a bug, the machine) is retried like a transient send error, within the cap."""
-        touch_id = draft.message.touch_id
+    def _deliver(self, s: Session, touch: Touch, draft: _Draft) -> tuple[Message, Receipt | None] | _Failed:
+        """A batch's send of `touch` (held in `s`), its checks passed: its message and receipt (None for a
+        channel whose delivery is a row of this database, made when the batch is recorded), or how the touch
+        was left when nothing was delivered. A template that fails fails the touch for good; any other error
+        while rendering (a bug, the machine) is retried like a transient send error, within the cap."""
         try:
-            return self._render(draft), _NOT_FAILED
+            message = self._render(draft)
         except sandbox.TemplateError as exc:
-            return None, self._delivery_failed(touch_id, DeliveryError(f"template: {exc}"))
+            return self._not_delivered(s, touch, DeliveryError(f"template: {exc}"))
         except Exception as exc:
-            return None, self._delivery_failed(touch_id, TransientError(f"rendering: {exc!r}"))
+            return self._not_delivered(s, touch, TransientError(f"rendering: {exc!r}"))
+        if self.channels[message.channel].in_database:
+            return message, None
+        receipt = self._send(message)
+        if isinstance(receipt, DeliveryError):
+            return self._not_delivered(s, touch, receipt)
+        return message, receipt
 
     def _unusable(
         self, s: Session, channel: str, context: Mapping[str, Any], now: datetime, may_be_blocked: bool
@@ -815,21 +760,20 @@ class Dispatcher:
         except (sandbox.ExpressionError, TypeError, ValueError):
             return 0.0
 
-    def _rate_limited(self, touch_id: int, exc: RateLimited) -> Result:
-        """Nothing was sent: the touch waits for the limit to free a place; the attempt does not count."""
-        with store.session(self.db) as s:
-            touch = s.get_one(Touch, touch_id)
+    def _not_delivered(self, s: Session, touch: Touch, error: DeliveryError) -> _Failed:
+        """How `touch` (held in `s`) is left after `error` delivered nothing: a rate limit lets it wait for a
+        place without counting the attempt; a transient error queues it for a retry within the cap; any
+        other fails it."""
+        touch_id = touch.id or 0
+        if isinstance(error, RateLimited):
             touch.cleared_at = None
-            return self._defer(touch, self.clock() + timedelta(seconds=max(exc.retry_after, 1)), str(exc))
-
-    def _delivery_failed(self, touch_id: int, exc: DeliveryError) -> _Failed:
-        with store.session(self.db) as s:
-            touch = s.get_one(Touch, touch_id)
-            if exc.transient and self.retry_or_fail(s, touch, f"retrying: {exc}"):
-                return _Failed(Result(touch_id, TouchStatus.queued, f"retrying: {exc}"), exc, touch.attempts)
-            if not exc.transient:
-                self.finish(s, touch, TouchStatus.failed, str(exc))
-        return _Failed(Result(touch_id, TouchStatus.failed, str(exc)))
+            until = self.clock() + timedelta(seconds=max(error.retry_after, 1))
+            return _Failed(self._defer(touch, until, str(error)))
+        if error.transient and self.retry_or_fail(s, touch, f"retrying: {error}"):
+            return _Failed(Result(touch_id, TouchStatus.queued, f"retrying: {error}"), error, touch.attempts)
+        if not error.transient:
+            self.finish(s, touch, TouchStatus.failed, str(error))
+        return _Failed(Result(touch_id, TouchStatus.failed, str(error)))
 
     def _close(self, touch: Touch, status: str, reason: str | None) -> Result:
         touch.status = status

@@ -82,7 +82,8 @@ class Channel:
     #: True when sending the same key twice leaves one delivery (so a lost send may safely be retried).
     idempotent: ClassVar[bool] = False
     #: True when touches on this channel may be sent in a worker's batch: idempotent, and quick because the
-    #: send stays on this machine (a file, a row), so a batch's sends stay well within the send limit.
+    #: send stays on this machine (a file, a row). A batch sends inside the transaction that records it, so
+    #: the send must be short, and safe to make again should that transaction roll back.
     batchable: ClassVar[bool] = False
     #: True when a delivery is a row of Cadence's own database, which `send_in` can make inside a
     #: transaction of the caller's, so that the row and the touch's record commit together.

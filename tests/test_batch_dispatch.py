@@ -1,13 +1,10 @@
-"""Batches: the scheduler's touches go to a worker several to a message, and are sent with one transaction for
-all their late checks and one for all their records; whatever cannot go together goes alone."""
+"""Batches: the scheduler's touches go to a worker several to a message, and are checked, sent and recorded in
+one transaction; whatever cannot go together goes alone."""
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import sqlite3
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +15,7 @@ from sqlmodel import col, select
 
 from cadence import broker as brokers
 from cadence import store
-from cadence.dispatch import BATCH_SIZE, Dispatcher
+from cadence.dispatch import BATCH_SIZE, Batch, Dispatcher
 from cadence.models import CallTask, Touch, TouchStatus
 from channels import TransientError
 from channels.email import EmailOutbox
@@ -128,13 +125,13 @@ def three_emails_the_second_refused_once(h: Harness, monkeypatch: pytest.MonkeyP
 def records_fail(monkeypatch: pytest.MonkeyPatch) -> None:
     """Recording a batch's sends fails, as on a full disk."""
 
-    def fails(self: Dispatcher, sent: Any, batch: Any) -> None:
+    def fails(self: Dispatcher, s: Any, sent: Any) -> None:
         raise RuntimeError("the disk is full")
 
     monkeypatch.setattr(Dispatcher, "_record_all", fails)
 
 
-def test_a_batch_takes_two_transactions_whatever_its_size(harness: Harness) -> None:
+def test_a_batch_takes_one_transaction_whatever_its_size(harness: Harness) -> None:
     ids = enroll(harness, "email", 8)
     commits: list[int] = []
     seen: list[str] = []
@@ -143,10 +140,9 @@ def test_a_batch_takes_two_transactions_whatever_its_size(harness: Harness) -> N
         harness.service.db, "before_cursor_execute", lambda *a: seen.append(" ".join(a[2].split()))
     )
     batch = harness.service.dispatcher.dispatch_many(ids)
-    assert len(commits) == 2  # the claims with their late checks; the records with the next steps planned
-    # One statement each for the batch: reading the touches (twice: to check, to record), claiming them,
-    # and reading what the caps count.
-    assert sum(s.startswith("SELECT touch.id") and "JOIN cadence_version" in s for s in seen) == 2
+    assert len(commits) == 1  # the claims, late checks, sends and records, with the next steps planned
+    # One statement each for the batch: reading the touches, claiming them, and reading what the caps count.
+    assert sum(s.startswith("SELECT touch.id") and "JOIN cadence_version" in s for s in seen) == 1
     assert sum(s.startswith("UPDATE touch SET status=?") and "RETURNING" in s for s in seen) == 1
     assert sum(s.startswith("SELECT enrollment.contact_id, touch.id, touch.cleared_at") for s in seen) == 1
     # The claim marks a touch let go by its checks as well: the checks write no touch again.
@@ -165,7 +161,7 @@ def test_a_call_task_is_made_in_the_transaction_that_records_its_touch(harness: 
     commits: list[int] = []
     sa.event.listen(harness.service.db, "commit", lambda _c: commits.append(1))
     batch = harness.service.dispatcher.dispatch_many(ids)
-    assert len(commits) == 2
+    assert len(commits) == 1
     assert sorted(r.touch_id for r in batch.results) == ids
     assert {r.status for r in batch.results} == {TouchStatus.sent}
     with store.session(harness.service.db) as s:
@@ -300,44 +296,51 @@ def test_a_batch_whose_late_checks_fail_sends_each_touch_alone(
         return decide(s, enrollment, context)
 
     monkeypatch.setattr(engine, "exit_decision", fails_once)
+    keys = [touch(harness, i).key for i in ids]
     with pytest.raises(RuntimeError):
         harness.service.dispatcher.dispatch_many(ids)
-    assert [touch(harness, i).status for i in ids] == [TouchStatus.queued] * 4  # every claim rolled back
-    assert emails(harness) == []
+    # The whole batch rolled back: every claim, and the records of the two emails written before the error.
+    assert [(touch(harness, i).status, touch(harness, i).attempts) for i in ids] == [
+        (TouchStatus.queued, 0)
+    ] * 4
+    assert [path.stem for path in emails(harness)] == sorted(keys[:2])
+    assert next_steps(harness) == 0
+    written = {path.name: path.read_bytes() for path in emails(harness)}
     harness.service._dispatch_batch(ids)  # fails once more inside; each touch then goes alone
     harness.drain()
     assert failed == [unlucky]
     assert [touch(harness, i).status for i in ids] == [TouchStatus.sent] * 4
-    assert len(emails(harness)) == 4
+    # One email a touch, by its key: the two written again are the same messages.
+    assert [path.stem for path in emails(harness)] == sorted(keys)
+    assert all(
+        (harness.service.settings.outbox_dir / "email" / name).read_bytes() == data
+        for name, data in written.items()
+    )
     assert next_steps(harness) == 4
 
 
-def test_a_batch_renders_after_committing_its_checks_and_retries_a_render_that_breaks(
+def test_a_render_that_breaks_in_a_batch_is_retried_and_the_others_go(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ids = enroll(harness, "email", 3)
     render = EmailOutbox.render
-    database = harness.service.db.url.database
-    committed: list[str] = []
+    broke: list[int] = []
 
     def breaks_once(self: EmailOutbox, env: Any, template: str, context: dict[str, Any]) -> dict[str, str]:
-        touch_id = context["touch"]["id"]
-        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as reader:
-            [(status,)] = reader.execute("SELECT status FROM touch WHERE id = ?", (touch_id,))
-        committed.append(status)  # what another process sees while the touch renders
-        if touch_id == ids[1] and len(committed) == 2:
+        if context["touch"]["id"] == ids[1] and not broke:
+            broke.append(ids[1])
             raise RuntimeError("a filter broke")
         return render(self, env, template, context)
 
     monkeypatch.setattr(EmailOutbox, "render", breaks_once)
     batch = harness.service.dispatcher.dispatch_many(ids)
-    assert committed == [TouchStatus.sending] * 3  # the claims were committed before rendering began
     assert batch.retries == [(ids[1], 1)]
     assert [r.status for r in batch.results] == [TouchStatus.queued, TouchStatus.sent, TouchStatus.sent]
     left = touch(harness, ids[1])
-    assert left.status == TouchStatus.queued
+    assert (left.status, left.attempts, left.cleared_at) == (TouchStatus.queued, 1, None)
     assert left.status_reason == "retrying: rendering: RuntimeError('a filter broke')"
     assert len(emails(harness)) == 2
+    assert next_steps(harness) == 2
     assert harness.service.dispatcher.dispatch(ids[1]).status == TouchStatus.sent
     assert [touch(harness, i).status for i in ids] == [TouchStatus.sent] * 3
     assert next_steps(harness) == 3
@@ -366,14 +369,14 @@ def test_a_transient_failure_in_a_batch_is_retried_alone_after_a_pause(
     assert touch(harness, ids[1]).attempts == 2
 
 
-def test_a_batch_record_that_fails_records_each_touch_alone(
+def test_a_batch_whose_record_fails_records_nothing_and_each_touch_goes_alone_once(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ids = enroll(harness, "email", 2) + enroll(harness, "call", 1)
     mark = Dispatcher._mark_sent
     calls: list[int] = []
 
-    def fails_first(
+    def fails_second(
         self: Dispatcher, s: Any, touch_id: int, receipt: Any, loaded: Any = None, later: Any = None
     ) -> None:
         calls.append(touch_id)
@@ -381,13 +384,25 @@ def test_a_batch_record_that_fails_records_each_touch_alone(
             raise sa.exc.OperationalError("UPDATE touch", {}, Exception("database is locked"))
         mark(self, s, touch_id, receipt, loaded, later)
 
-    monkeypatch.setattr(Dispatcher, "_mark_sent", fails_first)
-    batch = harness.service.dispatcher.dispatch_many(ids)
-    assert [r.status for r in batch.results] == [TouchStatus.sent] * 3
-    assert calls == [ids[0], ids[1], ids[0], ids[1], ids[2]]  # two in the batch, then each alone
+    monkeypatch.setattr(Dispatcher, "_mark_sent", fails_second)
+    batch = Batch()
+    with pytest.raises(sa.exc.OperationalError):
+        harness.service.dispatcher.dispatch_many(ids, batch=batch)
+    assert (batch.results, batch.alone, batch.retries) == ([], [], [])
+    assert [(touch(harness, i).status, touch(harness, i).attempts) for i in ids] == [
+        (TouchStatus.queued, 0)
+    ] * 3
+    with store.session(harness.service.db) as s:  # the call task went with the rest of the transaction
+        assert s.exec(select(CallTask)).all() == []
+    assert len(emails(harness)) == 2  # written before the record failed
+    harness.service._dispatch_batch(ids)  # the worker's actor: fails again inside, then each goes alone
+    harness.drain()
     assert [touch(harness, i).status for i in ids] == [TouchStatus.sent] * 3
+    assert [touch(harness, i).attempts for i in ids] == [1, 1, 1]
+    assert sorted(calls[:2]) == ids[:2] and sorted(calls[-3:]) == ids  # then each alone, once
+    assert [path.stem for path in emails(harness)] == sorted(touch(harness, i).key for i in ids[:2])
     assert next_steps(harness) == 3
-    with store.session(harness.service.db) as s:  # the call task, rolled back with the batch, made alone
+    with store.session(harness.service.db) as s:
         assert [task.touch_id for task in s.exec(select(CallTask)).all()] == [ids[2]]
 
 
@@ -424,31 +439,6 @@ def test_touches_that_go_alone_are_handed_on_before_the_batch_sends(
     batch = harness.service.dispatcher.dispatch_many(ids, lambda alone: order.append(f"alone {alone}"))
     assert order == [f"alone {ids[:2]}", "email", "email"]
     assert batch.alone == ids[:2]
-
-
-def test_a_hand_back_leaves_a_touch_another_worker_claimed_since(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A batch slow enough for the sweep to take a touch back and another worker to claim it: handing the
-    batch's rest back must not undo that worker's claim."""
-    ids = enroll(harness, "email", 2)
-    dispatcher = harness.service.dispatcher
-    dispatcher.batch_seconds = -1.0  # nothing begun: both are handed back, but for the one claimed since
-    hand_back = Dispatcher._hand_back
-    later = harness.clock() + timedelta(minutes=10)
-
-    def claimed_meanwhile(self: Dispatcher, touch_ids: list[int], claimed_at: Any) -> list[int]:
-        with store.session(harness.service.db) as s:
-            other = s.get_one(Touch, ids[1])
-            other.sending_at, other.attempts = later, other.attempts + 1  # the sweep, then another claim
-        return hand_back(self, touch_ids, claimed_at)
-
-    monkeypatch.setattr(Dispatcher, "_hand_back", claimed_meanwhile)
-    batch = dispatcher.dispatch_many(ids)
-    assert batch.alone == [ids[0]]
-    first, second = touch(harness, ids[0]), touch(harness, ids[1])
-    assert (first.status, first.attempts) == (TouchStatus.queued, 0)
-    assert (second.status, second.attempts, second.sending_at) == (TouchStatus.sending, 2, later)
 
 
 def test_a_batch_whose_record_fails_still_hands_back_what_it_did_not_begin(
