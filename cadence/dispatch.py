@@ -183,6 +183,18 @@ class _Draft:
     message: Message
     template: str
     context: dict[str, Any]
+    #: The contact, deal and enrollment as the checks read them: what planning the next step reads too.
+    facts: dict[str, Any]
+
+
+class _Sent(NamedTuple):
+    """A batch's delivery: its message, its receipt (None for a channel whose delivery is a row of this
+    database, made when the batch is recorded), the touch's rows and its draft's facts."""
+
+    message: Message
+    receipt: Receipt | None
+    loaded: _Loaded
+    facts: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -289,7 +301,7 @@ class Dispatcher:
         if not self.channels[message.channel].in_database:
             return outcome, message
         receipt = self.channels[message.channel].send_in(s, message)
-        self._mark_sent(s, touch_id, receipt, loaded)
+        self._mark_sent(s, touch_id, receipt, loaded, facts=draft.facts)
         return Result(touch_id, TouchStatus.sent), message
 
     def dispatch_many(
@@ -315,9 +327,7 @@ class Dispatcher:
         batch = batch if batch is not None else Batch()
         began = time.monotonic()
         late: list[int] = []
-        # What goes out, with its receipt (None for a channel whose delivery is a row of this database, made
-        # below with the others) and the touch's rows.
-        sent: list[tuple[Message, Receipt | None, _Loaded]] = []
+        sent: list[_Sent] = []
         try:
             with store.session(self.db) as s:
                 rows = _load_many(s, touch_ids, lock_contact=self._locks_contact())
@@ -349,7 +359,7 @@ class Dispatcher:
                     if isinstance(delivered, _Failed):
                         batch.add(delivered)
                         continue
-                    sent.append((*delivered, loaded))
+                    sent.append(_Sent(*delivered, loaded, draft.facts))
                     if cleared is not None:  # counted by the caps of the contact's touches after it
                         cleared[loaded.enrollment.contact_id].append((outcome.touch_id, touch.cleared_at))
                 self._record_all(s, sent)
@@ -358,9 +368,9 @@ class Dispatcher:
             raise
         batch.alone.extend(late)
         self._let_go(late, send_alone)
-        for message, _, _ in sent:
-            self._sent(message)
-            batch.results.append(Result(message.touch_id, TouchStatus.sent))
+        for delivery in sent:
+            self._sent(delivery.message)
+            batch.results.append(Result(delivery.message.touch_id, TouchStatus.sent))
         return batch
 
     @staticmethod
@@ -476,13 +486,13 @@ class Dispatcher:
                 log.warning("recording a sent touch failed; trying again", extra={"touch_id": touch_id})
                 time.sleep(RECORD_BACKOFF_SECONDS * attempt)
 
-    def _record_all(self, s: Session, sent: list[tuple[Message, Receipt | None, _Loaded]]) -> None:
+    def _record_all(self, s: Session, sent: list[_Sent]) -> None:
         """Record a batch's deliveries in its transaction `s`, making those that are rows of this database
         there too (one statement a channel), and insert the next touches with one statement."""
-        receipts = self._send_in(s, [(message, receipt) for message, receipt, _ in sent])
+        receipts = self._send_in(s, [(delivery.message, delivery.receipt) for delivery in sent])
         later: list[Touch] = []
-        for (message, receipt), (_, _, loaded) in zip(receipts, sent, strict=True):
-            self._mark_sent(s, message.touch_id, receipt, loaded, later)
+        for (message, receipt), delivery in zip(receipts, sent, strict=True):
+            self._mark_sent(s, message.touch_id, receipt, delivery.loaded, later, delivery.facts)
         store.insert_all_unless_taken(s, later, TOUCH_KEY)
 
     def _send_in(
@@ -508,9 +518,10 @@ class Dispatcher:
         receipt: Receipt,
         loaded: _Loaded | None = None,
         later: list[Touch] | None = None,
+        facts: dict[str, Any] | None = None,
     ) -> None:
         """Record the delivery; `loaded` holds the touch's rows when they were read with others, `later`
-        gathers the next touches a batch inserts together."""
+        gathers the next touches a batch inserts together, `facts` are the checks' (see `_Draft`)."""
         loaded = loaded or _load(s, touch_id)  # held, so planning finds the touch's rows in the session
         touch = loaded.touch
         touch.receipt = {
@@ -519,7 +530,7 @@ class Dispatcher:
             "provider": receipt.provider,
             "reference": receipt.reference,
         }
-        self.finish(s, touch, TouchStatus.sent, None, later)
+        self.finish(s, touch, TouchStatus.sent, None, later, facts)
         if self.engine.activity:
             outbound.touch_sent(s, touch, self.clock())
 
@@ -593,11 +604,8 @@ class Dispatcher:
         ) or self._over_budget(s, spec.budget.per_month if spec.budget else None, touch, now, zone, calendar)
         if capped is not None:
             return self._defer(touch, *capped), None
-        context.update(
-            reason=touch.reason,
-            sender=dict(self.sender),
-            touch=touch_view(touch),
-        )
+        facts = context
+        context = {**facts, "reason": touch.reason, "sender": dict(self.sender), "touch": touch_view(touch)}
         message = Message(
             key=touch.key,
             touch_id=touch_id,
@@ -610,7 +618,7 @@ class Dispatcher:
             parts={},
             sender=self.sender,
         )
-        return Result(touch_id, TouchStatus.sending), _Draft(message, touch.template, context)
+        return Result(touch_id, TouchStatus.sending), _Draft(message, touch.template, context, facts)
 
     def _render(self, draft: _Draft) -> Message:
         """The draft's message with its parts rendered (and a call's priority worked out); raises
@@ -782,15 +790,21 @@ class Dispatcher:
         return Result(touch.id or 0, status, reason)
 
     def finish(
-        self, s: Session, touch: Touch, status: str, reason: str | None, later: list[Touch] | None = None
+        self,
+        s: Session,
+        touch: Touch,
+        status: str,
+        reason: str | None,
+        later: list[Touch] | None = None,
+        facts: dict[str, Any] | None = None,
     ) -> Result:
-        """Record how a touch ended and plan the enrollment's next step (into `later`, given it: see
-        `Engine.plan`)."""
+        """Record how a touch ended and plan the enrollment's next step (into `later`, given it, and from
+        `facts`, the enrollment's context when the caller has it read: see `Engine.plan`)."""
         result = self._close(touch, status, reason)
         self.metrics.touches.labels(touch.channel, status).inc()
         enrollment = s.get_one(Enrollment, touch.enrollment_id)
         if enrollment.status in (EnrollmentStatus.active, EnrollmentStatus.paused):
-            following = self.engine.plan(s, enrollment, touch.step_index + 1, self.clock(), later)
+            following = self.engine.plan(s, enrollment, touch.step_index + 1, self.clock(), later, facts)
             if following is not None and enrollment.status == EnrollmentStatus.paused:
                 following.status, following.status_reason = TouchStatus.held, "enrollment paused"
         return result

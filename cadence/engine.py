@@ -416,23 +416,26 @@ class Engine:
         step_index: int,
         now: datetime,
         later: list[Touch] | None = None,
+        context: dict[str, Any] | None = None,
     ) -> Touch | None:
         """Plan touch number `step_index`, or complete the enrollment when there is none (or its repeat's
         goal holds). Given `later`, the new touch is added to it instead of inserted, for the caller to insert
-        with others (`store.insert_all_unless_taken`, which leaves it out if its key is taken by then)."""
+        with others (`store.insert_all_unless_taken`, which leaves it out if its key is taken by then).
+        `context` is the enrollment's (see `context`), when the caller has just read it."""
         spec = self.spec_of(s, enrollment)
         point = spec.touchpoint(step_index)
         if point is None:
             self.end(s, enrollment, EnrollmentStatus.completed, "all steps done", now)
             return None
-        goal = self.goal_reached(s, spec, enrollment, step_index)
+        goal = self.goal_reached(s, spec, enrollment, step_index, context)
         if goal is not None:
             self.end(s, enrollment, EnrollmentStatus.completed, goal, now)
             return None
+        facts = context
 
         def make() -> Touch:
             contact = s.get_one(Contact, enrollment.contact_id)
-            context = self.context(s, enrollment)
+            context = facts if facts is not None else self.context(s, enrollment)
             variant = pick_variant(point.variants, stable_fraction(enrollment.id, step_index))
             option = self.choose_option(point, context)
             channel = (variant and variant.channel) or option.channel

@@ -236,6 +236,10 @@ class _AtRuntime(CodeGenerator):
         raise nodes.Impossible()
 
 
+#: A dictionary's own attributes, which Jinja's `a.b` prefers to its key `b` (`items`, `get`, ...).
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+
+
 class _Sandbox(ImmutableSandboxedEnvironment):
     """Refuses internals at the first step (not as a silent undefined), bounds whatever can build a huge
     value from a short source, and reports a source too large or too deep to compile as a syntax error."""
@@ -257,6 +261,9 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             # Refused whether or not this object has it: a dunder is never data, and the answer must not
             # depend on what the object is (`lipsum.__globals__` and `range.__globals__` alike).
             return self.unsafe_undefined(obj, attribute)
+        if type(obj) is dict and attribute in obj and attribute not in _DICT_ATTRIBUTES:
+            # A record's field (`contact.name`): what Jinja finds too, after an attribute lookup that fails.
+            return _named(obj[attribute], attribute)
         return _named(super().getattr(obj, attribute), attribute)
 
     def getitem(self, obj: Any, argument: Any) -> Any:

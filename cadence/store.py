@@ -119,7 +119,7 @@ def insert_all_unless_taken(s: Session, rows: Sequence[M], key: tuple[str, ...])
         return []
     table: sa.Table = rows[0].__table__  # type: ignore[attr-defined]
     names = [column.name for column in table.columns if column.name != "id"]
-    values = [{name: getattr(row, name) for name in names} for row in unique.values()]
+    values = [_values(row, names) for row in unique.values()]
     connection = s.connection()
     statement = _insert_returning_key(connection.dialect.name, table, key)
     inserted = []
@@ -130,6 +130,13 @@ def insert_all_unless_taken(s: Session, rows: Sequence[M], key: tuple[str, ...])
         s.add(row)
         inserted.append(row)
     return inserted
+
+
+def _values(row: SQLModel, names: list[str]) -> dict[str, Any]:
+    """The row's values of the columns `names`, read from its state where it has them (a row from `new_row`
+    has them all) rather than through the ORM's attribute access."""
+    state = row.__dict__
+    return {name: state[name] if name in state else getattr(row, name) for name in names}
 
 
 @cache

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -116,6 +116,8 @@ class Channel:
 
 #: Folders `write_atomically` has made or found, so each write does not ask again.
 _folders: set[Path] = set()
+#: How `write_atomically` makes its temporary file: a new one, readable by this user alone.
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -124,15 +126,20 @@ def write_atomically(path: Path, data: bytes) -> None:
     if folder not in _folders:
         folder.mkdir(parents=True, exist_ok=True)
         _folders.add(folder)
+    # Named for this process and thread, which write one file at a time: no random name to find.
+    tmp = folder / f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}"
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        fd = os.open(tmp, _CREATE, 0o600)
     except FileNotFoundError:  # the folder was removed since
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        fd = os.open(tmp, _CREATE, 0o600)
+    except FileExistsError:  # left by a writer killed before its rename, whose process id came round again
+        tmp.unlink()
+        fd = os.open(tmp, _CREATE, 0o600)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

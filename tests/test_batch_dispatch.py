@@ -16,7 +16,7 @@ from sqlmodel import col, select
 from cadence import broker as brokers
 from cadence import store
 from cadence.dispatch import BATCH_SIZE, Batch, Dispatcher
-from cadence.models import CallTask, Touch, TouchStatus
+from cadence.models import CallTask, Enrollment, Touch, TouchStatus
 from channels import TransientError
 from channels.email import EmailOutbox
 
@@ -154,6 +154,29 @@ def test_a_batch_takes_one_transaction_whatever_its_size(harness: Harness) -> No
     assert len(emails(harness)) == 8
     assert all(touch(harness, i).attempts == 1 for i in ids)
     assert next_steps(harness) == 8
+
+
+def test_a_batch_plans_each_next_step_from_the_context_its_checks_read(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The contact, deal and enrollment are made into a context once a touch: by the checks, which planning
+    the next step then reads too; the next steps are those planned from a context of their own."""
+    ids = enroll(harness, "email", 3) + enroll(harness, "call", 2)
+    engine = harness.service.engine
+    context = engine.context
+    made: list[int] = []
+    monkeypatch.setattr(engine, "context", lambda s, e: made.append(e.id) or context(s, e))
+    batch = harness.service.dispatcher.dispatch_many(ids)
+    assert {r.status for r in batch.results} == {TouchStatus.sent}
+    assert sorted(made) == sorted(touch(harness, i).enrollment_id for i in ids)
+    with store.session(harness.service.db) as s:
+        planned = s.exec(select(Touch).where(Touch.step_index == 1).order_by(col(Touch.enrollment_id))).all()
+        expected = [
+            engine.plan(s, s.get_one(Enrollment, t.enrollment_id), 1, harness.clock(), []) for t in planned
+        ]
+    assert [(t.channel, t.template, t.due_at) for t in planned] == [
+        (t.channel, t.template, t.due_at) for t in expected if t is not None
+    ]
 
 
 def test_a_call_task_is_made_in_the_transaction_that_records_its_touch(harness: Harness) -> None:
@@ -376,13 +399,11 @@ def test_a_batch_whose_record_fails_records_nothing_and_each_touch_goes_alone_on
     mark = Dispatcher._mark_sent
     calls: list[int] = []
 
-    def fails_second(
-        self: Dispatcher, s: Any, touch_id: int, receipt: Any, loaded: Any = None, later: Any = None
-    ) -> None:
+    def fails_second(self: Dispatcher, s: Any, touch_id: int, *rest: Any, **named: Any) -> None:
         calls.append(touch_id)
         if len(calls) == 2:  # the second touch of the batch's record: the whole transaction goes
             raise sa.exc.OperationalError("UPDATE touch", {}, Exception("database is locked"))
-        mark(self, s, touch_id, receipt, loaded, later)
+        mark(self, s, touch_id, *rest, **named)
 
     monkeypatch.setattr(Dispatcher, "_mark_sent", fails_second)
     batch = Batch()

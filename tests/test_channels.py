@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import email.policy
 import json
+import os
 import shutil
+import stat
+import threading
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, date, datetime
@@ -436,3 +439,18 @@ def test_an_outbox_write_makes_its_folder_again_when_it_was_removed(tmp_path: Pa
     write_atomically(path, b"second")
     assert path.read_bytes() == b"second"
     assert [p.name for p in path.parent.iterdir()] == ["a.eml"]  # no temporary file left behind
+
+
+def test_an_outbox_write_over_a_temporary_file_left_by_a_killed_writer_leaves_the_whole_message(
+    tmp_path: Path,
+) -> None:
+    """A writer killed between writing its temporary file and renaming it leaves the file behind; a later
+    write by the same name (its process id come round again) replaces it, so nothing of it is left over."""
+    path = tmp_path / "outbox" / "email" / "a.eml"
+    write_atomically(path, b"first")
+    left = path.parent / f".tmp-{os.getpid()}-{threading.get_ident()}-a.eml"
+    left.write_bytes(b"a longer message, half written by a killed writer")
+    write_atomically(path, b"second")
+    assert path.read_bytes() == b"second"
+    assert [p.name for p in path.parent.iterdir()] == ["a.eml"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # as the outbox's files always were

@@ -7,9 +7,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import jinja2
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cadence import sandbox
 
@@ -328,3 +331,38 @@ def test_every_injection_attempt_is_refused_or_harmless(
         assert outcome == entry[where], (where, shown[:300])
         assert [leak for leak in LEAKS if leak in shown] == [], (where, shown[:300])
     assert context == corpus_context()  # and nothing it could reach was changed
+
+
+# --- reading a record's fields ------------------------------------------------------------------------
+
+#: Keys of a record as a CRM may send them: plain fields, and names of a dictionary's own methods.
+FIELD_NAMES = st.sampled_from(["name", "title", "items", "keys", "get", "values", "copy", "_x", "x_"])
+
+
+class Record(dict[str, Any]):
+    """A dictionary of another type, which the sandbox reads the long way, as Jinja does: an attribute
+    first, then the key."""
+
+
+@given(record=st.dictionaries(FIELD_NAMES, st.one_of(st.none(), st.integers(), st.text(max_size=5))))
+@hypothesis.settings(max_examples=150, deadline=None)
+def test_a_records_fields_read_the_same_the_short_way_and_the_long_way(record: dict[str, Any]) -> None:
+    """`contact.x` on a plain dictionary reads the key straight away where the dictionary has no attribute
+    `x`; what it gives is what the long way gives: a method of the dictionary (`contact.items`) included,
+    and a missing field an error."""
+    env = sandbox.template_environment(Path("."))
+    for name in ["name", "title", "items", "keys", "get", "values", "copy", "x_"]:
+        template = env.from_string(f"{{{{ contact.{name} is callable }}}} {{{{ contact.{name} }}}}")
+        if name in record or hasattr(dict, name):
+            assert template.render(contact=record) == template.render(contact=Record(record)), name
+        else:
+            for contact in (record, Record(record)):
+                with pytest.raises(jinja2.UndefinedError):
+                    template.render(contact=contact)
+        expression = f"contact.{name} is defined and contact.{name}"
+        short, long = (sandbox.evaluate(expression, {"contact": c}) for c in (record, Record(record)))
+        assert (type(short), repr(short)) == (type(long), repr(long))  # a method: one wrapper of each
+
+
+def test_a_records_dunder_key_is_refused_like_any_dunder() -> None:
+    assert "unsafe" in refused_expression("contact.__secret__", {"contact": {"__secret__": SECRET}})
