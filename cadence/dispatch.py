@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 
 import jinja2
 import sqlalchemy as sa
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.attributes import flag_modified, set_committed_value
 from sqlmodel import Session, col, select
 
 from cadence import outbound, sandbox, store, timing
@@ -138,6 +138,18 @@ _CLAIM_ALL = (
     )
     .returning(col(Touch.id))
 )
+
+#: A batch's touches as they are now, locked until its transaction ends (PostgreSQL; on SQLite that
+#: transaction holds the only write lock already). Made once.
+_LOCK_ALL = (
+    select(Touch.id, Touch.status, Touch.attempts)
+    .where(col(Touch.id).in_(sa.bindparam("ids", expanding=True)))
+    .order_by(col(Touch.id))
+    .with_for_update()
+)
+
+#: A claim's fields, written with the rest of a batch's changes to the touch (see `Dispatcher._take_all`).
+_CLAIM_FIELDS = ("status", "sending_at", "cleared_at", "attempts")
 
 #: `_CLEARED_FOR_CONTACT` for several contacts, with each touch's contact and id. Made once.
 _CLEARED_FOR_CONTACTS = (
@@ -339,9 +351,10 @@ class Dispatcher:
                     else:
                         together.append(loaded)
                 self._let_go(batch.alone, send_alone)
-                claimed = self._claim_all(s, [loaded.touch for loaded in together])
+                claimed = self._take_all(s, [loaded.touch for loaded in together])
                 contacts = {loaded.enrollment.contact_id for loaded in together}
                 cleared = self._cleared_for_contacts(s, contacts, claimed)
+                spent: Counter[int] = Counter()  # for the budgets: touches let go so far, by enrollment
                 for loaded in together:
                     touch = loaded.touch
                     if touch.id not in claimed:
@@ -351,7 +364,7 @@ class Dispatcher:
                         self._unclaim(touch)
                         late.append(touch.id or 0)
                         continue
-                    outcome, draft = self._check(s, loaded, cleared)
+                    outcome, draft = self._check(s, loaded, cleared, spent)
                     if draft is None:
                         batch.results.append(outcome)
                         continue
@@ -360,9 +373,14 @@ class Dispatcher:
                         batch.add(delivered)
                         continue
                     sent.append(_Sent(*delivered, loaded, draft.facts))
+                    spent[touch.enrollment_id] += 1
                     if cleared is not None:  # counted by the caps of the contact's touches after it
                         cleared[loaded.enrollment.contact_id].append((outcome.touch_id, touch.cleared_at))
                 self._record_all(s, sent)
+                for loaded in together:
+                    if loaded.touch.id in claimed:  # the claim goes with the touch's one UPDATE
+                        for name in _CLAIM_FIELDS:
+                            flag_modified(loaded.touch, name)
         except BaseException:
             batch.results.clear()  # rolled back: none of it happened
             raise
@@ -427,6 +445,29 @@ class Dispatcher:
                 set_committed_value(touch, "cleared_at", now)
                 set_committed_value(touch, "attempts", touch.attempts + 1)
         return claimed
+
+    def _take_all(self, s: Session, touches: list[Touch]) -> set[int]:
+        """`_claim_all` in a batch, whose transaction commits its claims with its sends and records: each
+        claim is noted in the session as if written, and written with the touch's record or whatever else
+        its checks change, so a touch takes one UPDATE, not two (see `dispatch_many`). The touches are
+        locked first, and read again as they are then, so that of two workers holding the same touches one
+        waits for the other and finds them no longer queued. The ids of those claimed."""
+        now = self.clock()
+        queued = [touch for touch in touches if touch.status == TouchStatus.queued]
+        if queued and self.db.dialect.name != "sqlite":
+            ids = [touch.id for touch in queued]
+            current = {row[0]: row[1:] for row in s.exec(_LOCK_ALL, params={"ids": ids})}
+            for touch in queued:
+                status, attempts = current[touch.id]
+                set_committed_value(touch, "status", status)
+                set_committed_value(touch, "attempts", attempts)
+            queued = [touch for touch in queued if touch.status == TouchStatus.queued]
+        for touch in queued:
+            set_committed_value(touch, "status", TouchStatus.sending)
+            set_committed_value(touch, "sending_at", now)
+            set_committed_value(touch, "cleared_at", now)
+            set_committed_value(touch, "attempts", touch.attempts + 1)
+        return {touch.id or 0 for touch in queued}
 
     def _unclaim(self, touch: Touch) -> None:
         """A claimed touch a batch did not get to: queued again as if never claimed, the attempt uncounted."""
@@ -540,17 +581,24 @@ class Dispatcher:
         return bool(caps.per_day or caps.per_week)
 
     def _check(
-        self, s: Session, loaded: _Loaded, cleared: _Cleared | None = None
+        self,
+        s: Session,
+        loaded: _Loaded,
+        cleared: _Cleared | None = None,
+        spent: Counter[int] | None = None,
     ) -> tuple[Result, _Draft | None]:
         """Late binding: everything that may have changed since planning is checked now, for a touch just
-        claimed; its message, not yet rendered, when it may go out. `cleared` is what the caps count, read
-        for a batch. A touch the checks keep back is no longer counted as let go (see `_CLAIM_ALL`)."""
-        outcome, draft = self._decide(s, loaded, cleared)
+        claimed; its message, not yet rendered, when it may go out. For a batch, `cleared` is what the caps
+        count, read once, and `spent` the touches of each enrollment the batch has let go so far, which its
+        budget counts. A touch the checks keep back is no longer counted as let go (see `_CLAIM_ALL`)."""
+        outcome, draft = self._decide(s, loaded, cleared, spent)
         if draft is None:
             loaded.touch.cleared_at = None
         return outcome, draft
 
-    def _decide(self, s: Session, loaded: _Loaded, cleared: _Cleared | None) -> tuple[Result, _Draft | None]:
+    def _decide(
+        self, s: Session, loaded: _Loaded, cleared: _Cleared | None, spent: Counter[int] | None
+    ) -> tuple[Result, _Draft | None]:
         caps = self.engine.policy.caps
         touch, enrollment = loaded.touch, loaded.enrollment
         touch_id = touch.id or 0
@@ -601,7 +649,15 @@ class Dispatcher:
                 return self._defer(touch, slot, f"deferred to {touch.channel}'s hours"), None
         capped = self._capped(
             s, caps, touch, enrollment.contact_id, now, zone, calendar, cleared
-        ) or self._over_budget(s, spec.budget.per_month if spec.budget else None, touch, now, zone, calendar)
+        ) or self._over_budget(
+            s,
+            spec.budget.per_month if spec.budget else None,
+            touch,
+            now,
+            zone,
+            calendar,
+            spent[touch.enrollment_id] if spent else 0,
+        )
         if capped is not None:
             return self._defer(touch, *capped), None
         facts = context
@@ -697,15 +753,17 @@ class Dispatcher:
         now: datetime,
         zone: ZoneInfo,
         calendar: Calendar,
+        unwritten: int = 0,
     ) -> tuple[datetime, str] | None:
-        """(the next month's first slot, why) when the enrollment has had its monthly budget, else None."""
+        """(the next month's first slot, why) when the enrollment has had its monthly budget, else None;
+        `unwritten` touches of it let go in this transaction are not yet in the database to count."""
         if not per_month:
             return None
         local = now.astimezone(zone)
         month = datetime(local.year, local.month, 1, tzinfo=zone)
         since = month.astimezone(UTC)
         parameters = {"enrollment_id": touch.enrollment_id, "since": since, "touch_id": touch.id}
-        spent = s.exec(_SPENT_SINCE, params=parameters).one()
+        spent = s.exec(_SPENT_SINCE, params=parameters).one() + unwritten
         if spent < per_month:
             return None
         following = datetime(local.year + local.month // 12, local.month % 12 + 1, 1, tzinfo=zone)

@@ -4,6 +4,8 @@ one transaction; whatever cannot go together goes alone."""
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from sqlmodel import col, select
 
 from cadence import broker as brokers
 from cadence import store
-from cadence.dispatch import BATCH_SIZE, Batch, Dispatcher
+from cadence.dispatch import _NOT_QUEUED, BATCH_SIZE, Batch, Dispatcher
 from cadence.models import CallTask, Enrollment, Touch, TouchStatus
 from channels import TransientError
 from channels.email import EmailOutbox
@@ -25,6 +27,7 @@ CADENCES = {
     "email": "channel: email\n    template: email/deal-01-proposal-recap",
     "sms": "channel: sms\n    template: sms/deal-05-round-table-invite",
     "call": "channel: call\n    template: call/deal-02-walkthrough",
+    "budget": "channel: email\n    template: email/deal-01-proposal-recap",
     "choice": """choose:
       - channel: sms
         template: sms/deal-05-round-table-invite
@@ -55,14 +58,17 @@ steps:
 """
 
 
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def harness(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Harness]:
+    """On each database: SQLite's transaction holds the only write lock, PostgreSQL's holds rows."""
     rules = tmp_path / "rules"
     rules.mkdir()
     shutil.copy(REPO / "rules" / "policy.yaml", rules / "policy.yaml")
     for stage, first in CADENCES.items():
-        (rules / f"batch-{stage}.yaml").write_text(CADENCE.format(stage=stage, first=first))
-    h = start_harness(make_settings(tmp_path, rules_dir=rules))
+        budget = "budget:\n  per_month: 1\n" if stage == "budget" else ""  # a touch a month
+        (rules / f"batch-{stage}.yaml").write_text(CADENCE.format(stage=stage, first=first) + budget)
+    database = {} if request.param == "sqlite" else {"database_url": request.getfixturevalue("postgres_url")}
+    h = start_harness(make_settings(tmp_path, rules_dir=rules, **database))
     yield h
     h.stop()
 
@@ -135,19 +141,27 @@ def test_a_batch_takes_one_transaction_whatever_its_size(harness: Harness) -> No
     ids = enroll(harness, "email", 8)
     commits: list[int] = []
     seen: list[str] = []
+    written: list[int] = []  # the touches each UPDATE of the touch table writes
+
+    def executes(_c: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, many: bool) -> None:
+        seen.append(" ".join(statement.split()))
+        if statement.startswith("UPDATE touch"):
+            # The touch's id is the WHERE's parameter: the last one on SQLite, named on PostgreSQL.
+            rows = parameters if many else [parameters]
+            written.extend(row["touch_id"] if isinstance(row, dict) else row[-1] for row in rows)
+
     sa.event.listen(harness.service.db, "commit", lambda _c: commits.append(1))
-    sa.event.listen(
-        harness.service.db, "before_cursor_execute", lambda *a: seen.append(" ".join(a[2].split()))
-    )
+    sa.event.listen(harness.service.db, "before_cursor_execute", executes)
     batch = harness.service.dispatcher.dispatch_many(ids)
     assert len(commits) == 1  # the claims, late checks, sends and records, with the next steps planned
-    # One statement each for the batch: reading the touches, claiming them, and reading what the caps count.
+    # One statement each for the batch: reading the touches, and reading what the caps count.
     assert sum(s.startswith("SELECT touch.id") and "JOIN cadence_version" in s for s in seen) == 1
-    assert sum(s.startswith("UPDATE touch SET status=?") and "RETURNING" in s for s in seen) == 1
     assert sum(s.startswith("SELECT enrollment.contact_id, touch.id, touch.cleared_at") for s in seen) == 1
-    # The claim marks a touch let go by its checks as well: the checks write no touch again.
-    assert [s for s in seen if s.startswith("UPDATE touch SET cleared_at")] == []
-    assert all(touch(harness, i).cleared_at == touch(harness, i).sending_at is not None for i in ids)
+    # The claim is written with the record: each touch is updated once, by one statement for them all.
+    assert sum(s.startswith("UPDATE touch") for s in seen) == 1
+    assert sorted(written) == ids
+    sent = [touch(harness, i) for i in ids]
+    assert all(t.cleared_at == t.sending_at == harness.clock() and t.finished_at for t in sent)
     assert sorted(r.touch_id for r in batch.results) == ids
     assert {r.status for r in batch.results} == {TouchStatus.sent}
     assert (batch.alone, batch.retries) == ([], [])
@@ -487,3 +501,67 @@ def test_after_a_batch_error_a_touch_waiting_for_its_retry_keeps_its_pause(
     service._dispatch_batch(ids)
     assert alone == [[ids[0], ids[2]]]  # at once, as the batch failed
     assert [(o["args"], o["delay"]) for o in later] == [((ids[1],), 2000)]  # after the broker's pause
+
+
+def test_two_workers_holding_the_same_batch_send_it_once(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch delivered twice: the second worker reads the touches while the first is sending them, waits
+    for the first's transaction (its rows, or SQLite's write lock), and then finds them no longer queued."""
+    ids = enroll(harness, "email", 3) + enroll(harness, "call", 1)
+    sending = threading.Event()
+    send = EmailOutbox.send
+
+    def slow_first(self: EmailOutbox, message: Any) -> Any:
+        if not sending.is_set():
+            sending.set()
+            time.sleep(0.5)  # the second worker starts meanwhile and must wait
+        return send(self, message)
+
+    monkeypatch.setattr(EmailOutbox, "send", slow_first)
+    dispatcher = harness.service.dispatcher
+    batches: dict[str, Batch] = {}
+    first = threading.Thread(target=lambda: batches.setdefault("first", dispatcher.dispatch_many(ids)))
+    first.start()
+    assert sending.wait(10)
+    batches["second"] = dispatcher.dispatch_many(ids)
+    first.join(10)
+    assert {r.status for r in batches["first"].results} == {TouchStatus.sent}
+    assert [(r.status, r.reason) for r in batches["second"].results] == [("ignored", _NOT_QUEUED)] * 4
+    assert [(touch(harness, i).status, touch(harness, i).attempts) for i in ids] == [("sent", 1)] * 4
+    assert len(emails(harness)) == 3
+    assert next_steps(harness) == 4
+    with store.session(harness.service.db) as s:
+        assert [task.touch_id for task in s.exec(select(CallTask)).all()] == ids[3:]
+
+
+def test_a_batch_counts_an_enrollments_touches_it_let_go_against_its_budget(harness: Harness) -> None:
+    """Two touches of one enrollment due in one batch (a step's retry beside the next step, after an
+    outage), on a budget of one a month: the first goes, the second waits for next month, though the
+    first's record is not yet written when the second is checked."""
+    policy = harness.service.settings.rules_dir / "policy.yaml"
+    policy.write_text(policy.read_text().replace("per_day: 1 ", "per_day: 5 "))  # the caps let both go
+    harness.service.reload_rules()
+    assert harness.service.engine.policy.caps.per_day == 5
+    [first] = enroll(harness, "budget", 1)
+    with store.session(harness.service.db) as s:
+        earlier = s.get_one(Touch, first)
+        second = store.new_row(
+            Touch,
+            enrollment_id=earlier.enrollment_id,
+            step_index=1,
+            channel="email",
+            template=earlier.template,
+            reason="The second touch, due as well.",
+            due_at=earlier.due_at,
+            status=TouchStatus.queued,
+            queued_at=harness.clock(),
+        )
+        store.insert_unless_taken(s, second)
+    batch = harness.service.dispatcher.dispatch_many([first, second.id or 0])
+    assert [(r.touch_id, r.status, r.reason) for r in batch.results] == [
+        (second.id, TouchStatus.planned, "deferred: budget of 1 a month spent"),
+        (first, TouchStatus.sent, None),
+    ]
+    assert touch(harness, second.id or 0).due_at.month == harness.clock().month + 1
+    assert len(emails(harness)) == 1
