@@ -185,6 +185,10 @@ def pick_variant(variants: tuple[Variant, ...], draw: float) -> Variant | None:
     return variants[-1]
 
 
+#: Where a session keeps the cadence versions `Engine.spec_of` has read, by id.
+_SPECS = "cadence.specs"
+
+
 @lru_cache(maxsize=256)
 def _spec_from_text(text: str, file: str) -> CadenceSpec:
     return parse(text, file).spec
@@ -206,9 +210,14 @@ class Engine:
     # --- versions -------------------------------------------------------------------------------------------
 
     def spec_of(self, s: Session, enrollment: Enrollment) -> CadenceSpec:
-        """The cadence version the enrollment started on, whatever the rules say now."""
-        version = s.get_one(CadenceVersion, enrollment.cadence_version_id)
-        return _spec_from_text(version.yaml_text, version.file)
+        """The cadence version the enrollment started on, whatever the rules say now. Kept by the session
+        (a version never changes): sending a touch asks three or four times, a batch for each touch."""
+        specs: dict[int, CadenceSpec] = s.info.setdefault(_SPECS, {})
+        spec = specs.get(enrollment.cadence_version_id)
+        if spec is None:
+            version = s.get_one(CadenceVersion, enrollment.cadence_version_id)
+            spec = specs[enrollment.cadence_version_id] = _spec_from_text(version.yaml_text, version.file)
+        return spec
 
     def _current_version(self, s: Session, parsed: Parsed, now: datetime) -> CadenceVersion:
         name = parsed.spec.cadence

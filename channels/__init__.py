@@ -126,8 +126,9 @@ def write_atomically(path: Path, data: bytes) -> None:
     if folder not in _folders:
         folder.mkdir(parents=True, exist_ok=True)
         _folders.add(folder)
-    # Named for this process and thread, which write one file at a time: no random name to find.
-    tmp = folder / f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}"
+    # Named for this process and thread, which write one file at a time: no random name to find. It ends
+    # in ".tmp", never in the message's own suffix, so a reader of `*.eml` never takes one left behind.
+    tmp = folder / f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp"
     try:
         fd = os.open(tmp, _CREATE, 0o600)
     except FileNotFoundError:  # the folder was removed since

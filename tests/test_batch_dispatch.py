@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from harness import REPO, Harness, deal_event, make_settings, start_harness
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from cadence import broker as brokers
 from cadence import store
 from cadence.dispatch import _NOT_QUEUED, BATCH_SIZE, Batch, Dispatcher
-from cadence.models import CallTask, Enrollment, Touch, TouchStatus
+from cadence.models import CadenceVersion, CallTask, Enrollment, Touch, TouchStatus
 from channels import TransientError
 from channels.email import EmailOutbox
 
@@ -565,3 +565,23 @@ def test_a_batch_counts_an_enrollments_touches_it_let_go_against_its_budget(harn
     ]
     assert touch(harness, second.id or 0).due_at.month == harness.clock().month + 1
     assert len(emails(harness)) == 1
+
+
+def test_a_batch_looks_up_each_cadence_version_once(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sending a touch asks for its cadence version three or four times (is it batchable, the exit, the
+    step, planning the next): the session keeps each version's cadence, read once."""
+    ids = enroll(harness, "email", 3) + enroll(harness, "call", 2)
+    get_one = Session.get_one
+    looked_up: list[Any] = []
+
+    def counting(self: Session, model: Any, ident: Any, **options: Any) -> Any:
+        if model is CadenceVersion:
+            looked_up.append(ident)
+        return get_one(self, model, ident, **options)
+
+    monkeypatch.setattr(Session, "get_one", counting)
+    batch = harness.service.dispatcher.dispatch_many(ids)
+    assert {r.status for r in batch.results} == {TouchStatus.sent}
+    assert len(looked_up) == len(set(looked_up)) == 2  # the email cadence's version, the call cadence's

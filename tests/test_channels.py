@@ -448,9 +448,27 @@ def test_an_outbox_write_over_a_temporary_file_left_by_a_killed_writer_leaves_th
     write by the same name (its process id come round again) replaces it, so nothing of it is left over."""
     path = tmp_path / "outbox" / "email" / "a.eml"
     write_atomically(path, b"first")
-    left = path.parent / f".tmp-{os.getpid()}-{threading.get_ident()}-a.eml"
+    left = path.parent / f".a.eml.{os.getpid()}-{threading.get_ident()}.tmp"
     left.write_bytes(b"a longer message, half written by a killed writer")
     write_atomically(path, b"second")
     assert path.read_bytes() == b"second"
     assert [p.name for p in path.parent.iterdir()] == ["a.eml"]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600  # as the outbox's files always were
+
+
+def test_an_outbox_writes_temporary_file_never_looks_like_a_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer killed before its rename leaves its temporary file: a reader of `*.eml` must not take it."""
+    path = tmp_path / "email" / "7-1-0.eml"
+
+    def killed(source: Any, target: Any) -> None:
+        raise KeyboardInterrupt  # as if killed between writing and renaming
+
+    monkeypatch.setattr(os, "replace", killed)
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: None)  # no clean-up: the process died
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(path, b"half")
+    left = list(path.parent.iterdir())
+    assert len(left) == 1 and left[0].suffix == ".tmp"
+    assert list(path.parent.glob("*.eml")) == []
