@@ -151,6 +151,15 @@ _LOCK_ALL = (
 #: A claim's fields, written with the rest of a batch's changes to the touch (see `Dispatcher._take_all`).
 _CLAIM_FIELDS = ("status", "sending_at", "cleared_at", "attempts")
 
+
+def _note_claim(touch: Touch, now: datetime) -> None:
+    """Note in the session what a claim at `now` wrote (`_CLAIM_ALL`), or will write (`_CLAIM_FIELDS`)."""
+    set_committed_value(touch, "status", TouchStatus.sending)
+    set_committed_value(touch, "sending_at", now)
+    set_committed_value(touch, "cleared_at", now)
+    set_committed_value(touch, "attempts", touch.attempts + 1)
+
+
 #: `_CLEARED_FOR_CONTACT` for several contacts, with each touch's contact and id. Made once.
 _CLEARED_FOR_CONTACTS = (
     select(Enrollment.contact_id, Touch.id, Touch.cleared_at)
@@ -353,7 +362,7 @@ class Dispatcher:
                 self._let_go(batch.alone, send_alone)
                 claimed = self._take_all(s, [loaded.touch for loaded in together])
                 contacts = {loaded.enrollment.contact_id for loaded in together}
-                cleared = self._cleared_for_contacts(s, contacts, claimed)
+                cleared = self._cleared_for_contacts(s, contacts)
                 spent: Counter[int] = Counter()  # for the budgets: touches let go so far, by enrollment
                 for loaded in together:
                     touch = loaded.touch
@@ -440,10 +449,7 @@ class Dispatcher:
         claimed = {row[0] or 0 for row in rows}
         for touch in queued:
             if touch.id in claimed:
-                set_committed_value(touch, "status", TouchStatus.sending)
-                set_committed_value(touch, "sending_at", now)
-                set_committed_value(touch, "cleared_at", now)
-                set_committed_value(touch, "attempts", touch.attempts + 1)
+                _note_claim(touch, now)
         return claimed
 
     def _take_all(self, s: Session, touches: list[Touch]) -> set[int]:
@@ -463,10 +469,7 @@ class Dispatcher:
                 set_committed_value(touch, "attempts", attempts)
             queued = [touch for touch in queued if touch.status == TouchStatus.queued]
         for touch in queued:
-            set_committed_value(touch, "status", TouchStatus.sending)
-            set_committed_value(touch, "sending_at", now)
-            set_committed_value(touch, "cleared_at", now)
-            set_committed_value(touch, "attempts", touch.attempts + 1)
+            _note_claim(touch, now)
         return {touch.id or 0 for touch in queued}
 
     def _unclaim(self, touch: Touch) -> None:
@@ -475,10 +478,10 @@ class Dispatcher:
         touch.sending_at = touch.cleared_at = None
         touch.attempts -= 1
 
-    def _cleared_for_contacts(self, s: Session, contacts: set[int], claimed: set[int]) -> _Cleared | None:
+    def _cleared_for_contacts(self, s: Session, contacts: set[int]) -> _Cleared | None:
         """For the caps, when each contact's touches were let go in the last eight days, with their ids,
-        read once for a batch (None without caps). Read after the batch's claims, leaving them out (a claim
-        counts as let go only once its checks pass): each is added as they do (see `dispatch_many`)."""
+        read once for a batch (None without caps). The batch's own claims are not written yet, so none of
+        its touches is among them: each is added as its checks let it go (see `dispatch_many`)."""
         if not self._locks_contact() or not contacts:
             return None
         found: _Cleared = defaultdict(list)
@@ -486,8 +489,7 @@ class Dispatcher:
         for contact_id, touch_id, at in s.exec(
             _CLEARED_FOR_CONTACTS, params={"contacts": list(contacts), "since": since}
         ):
-            if touch_id not in claimed:
-                found[contact_id].append((touch_id or 0, at))
+            found[contact_id].append((touch_id or 0, at))
         return found
 
     def _claim(self, s: Session, touch: Touch) -> bool:

@@ -440,13 +440,12 @@ class Engine:
         if goal is not None:
             self.end(s, enrollment, EnrollmentStatus.completed, goal, now)
             return None
-        facts = context
 
         def make() -> Touch:
             contact = s.get_one(Contact, enrollment.contact_id)
-            context = facts if facts is not None else self.context(s, enrollment)
+            facts = context if context is not None else self.context(s, enrollment)
             variant = pick_variant(point.variants, stable_fraction(enrollment.id, step_index))
-            option = self.choose_option(point, context)
+            option = self.choose_option(point, facts)
             channel = (variant and variant.channel) or option.channel
             template = (variant and variant.template) or option.template
             return store.new_row(
