@@ -160,13 +160,20 @@ def _note_claim(touch: Touch, now: datetime) -> None:
     set_committed_value(touch, "attempts", touch.attempts + 1)
 
 
+#: A touch let go by its send-time checks is being sent or was sent; one that failed later keeps its
+#: `cleared_at` but is not counted.
+_LET_GO = (TouchStatus.sending, TouchStatus.sent)
+
 #: `_CLEARED_FOR_CONTACT` for several contacts, with each touch's contact and id. Made once.
+#: Like it, it leaves the status out of the query and `_LET_GO` is applied to the rows: given a status,
+#: a planner without statistics (SQLite always, PostgreSQL before its first ANALYZE, or with statistics
+#: from before a wave of sends) walks the (status, due_at) index through every touch ever sent, instead
+#: of the contacts' few enrollments and their touches.
 _CLEARED_FOR_CONTACTS = (
-    select(Enrollment.contact_id, Touch.id, Touch.cleared_at)
+    select(Enrollment.contact_id, Touch.id, Touch.cleared_at, Touch.status)
     .join(Enrollment, col(Enrollment.id) == col(Touch.enrollment_id))
     .where(
         col(Enrollment.contact_id).in_(sa.bindparam("contacts", expanding=True)),
-        col(Touch.status).in_([TouchStatus.sending, TouchStatus.sent]),
         col(Touch.cleared_at) >= sa.bindparam("since"),
     )
 )
@@ -177,19 +184,19 @@ _SPENT_SINCE = (
     .select_from(Touch)
     .where(
         Touch.enrollment_id == sa.bindparam("enrollment_id"),
-        col(Touch.status).in_([TouchStatus.sending, TouchStatus.sent]),
+        col(Touch.status).in_(_LET_GO),
         col(Touch.cleared_at) >= sa.bindparam("since"),
         col(Touch.id) != sa.bindparam("touch_id"),
     )
 )
 
-#: When the contact's other touches since `since` were let go by their send-time checks (caps count them).
+#: When the contact's other touches cleared since `since` were, with their statuses: those `_LET_GO` by
+#: their send-time checks are what the caps count (the status is left to the caller, see above).
 _CLEARED_FOR_CONTACT = (
-    select(Touch.cleared_at)
+    select(Touch.cleared_at, Touch.status)
     .join(Enrollment, col(Enrollment.id) == col(Touch.enrollment_id))
     .where(
         Enrollment.contact_id == sa.bindparam("contact_id"),
-        col(Touch.status).in_([TouchStatus.sending, TouchStatus.sent]),
         col(Touch.cleared_at) >= sa.bindparam("since"),
         col(Touch.id) != sa.bindparam("touch_id"),
     )
@@ -486,10 +493,11 @@ class Dispatcher:
             return None
         found: _Cleared = defaultdict(list)
         since = self.clock() - timedelta(days=CAPS_LOOK_BACK_DAYS)
-        for contact_id, touch_id, at in s.exec(
+        for contact_id, touch_id, at, status in s.exec(
             _CLEARED_FOR_CONTACTS, params={"contacts": list(contacts), "since": since}
         ):
-            found[contact_id].append((touch_id or 0, at))
+            if status in _LET_GO:
+                found[contact_id].append((touch_id or 0, at))
         return found
 
     def _claim(self, s: Session, touch: Touch) -> bool:
@@ -800,10 +808,11 @@ class Dispatcher:
         if batch is not None:
             found = [at for other, at in batch[contact_id] if other != touch.id and at and at >= since]
         else:
-            found = s.exec(
+            rows = s.exec(
                 _CLEARED_FOR_CONTACT,
                 params={"contact_id": contact_id, "since": since, "touch_id": touch.id},
-            ).all()
+            )
+            found = [at for at, status in rows if status in _LET_GO]
         cleared = sorted(at for at in found if at is not None)
         today = [at for at in cleared if at >= local_midnight]
         if caps.per_day and len(today) >= caps.per_day:

@@ -17,6 +17,7 @@ from cadence import rules, store
 from cadence.errors import RulesError
 from cadence.models import CallTask, Touch, TouchStatus
 from cadence.policy import Policy, parse
+from channels import DeliveryError
 
 MOSCOW = ZoneInfo("Europe/Moscow")
 SMS_STEP = (
@@ -189,6 +190,42 @@ def test_one_touch_a_day_across_cadences(harness: Harness) -> None:
     assert waiting.due_at.astimezone(MOSCOW).date() == (MONDAY + timedelta(days=1)).date()
     harness.run_days(1)
     assert all(harness.touches(e)[0].status == TouchStatus.sent for e in (a, b))
+
+
+def _send_first_touch(h: Harness, enrollment_id: int, together: bool) -> Touch:
+    """The enrollment's first touch, queued and sent alone or as a batch of one; as it is afterwards."""
+    with store.session(h.service.db) as s:
+        touch = s.exec(select(Touch).where(Touch.enrollment_id == enrollment_id, Touch.step_index == 0)).one()
+        touch.status, touch.queued_at = TouchStatus.queued, h.clock()
+        touch_id = touch.id or 0
+    if together:
+        h.service.dispatcher.dispatch_many([touch_id])
+    else:
+        h.service.dispatcher.dispatch(touch_id)
+    with store.session(h.service.db) as s:
+        return s.get_one(Touch, touch_id)
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["alone", "batch"])
+def test_a_touch_its_channel_refused_takes_no_place_in_the_caps(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, together: bool
+) -> None:
+    """Let go by its checks, then refused for good: nothing reached the contact, so the day's one place is
+    still free for the contact's touch from another deal."""
+    email = harness.service.dispatcher.channels["email"]
+
+    def refuse(message: Any) -> Any:
+        raise DeliveryError("550 mailbox unavailable")
+
+    monkeypatch.setattr(email, "send", refuse)
+    refused = _send_first_touch(harness, _enrollment_for(harness, deal_event()), together)
+    assert (refused.channel, refused.status) == ("email", TouchStatus.failed)
+    assert refused.cleared_at is not None  # its checks let it go
+    monkeypatch.undo()
+
+    another_deal = _enrollment_for(harness, deal_event("evt-d2", deal_id="d-2"))
+    second = _send_first_touch(harness, another_deal, together)
+    assert (second.channel, second.status) == ("email", TouchStatus.sent)
 
 
 def _sent_per_local_day(h: Harness) -> dict[str, int]:
