@@ -10,10 +10,13 @@ before they start, timed from the first message processed to the last.
 Each worker's RSS (with its children) is sampled every 100 ms during the Cadence run.
 
 Targets: Cadence at least 1,000 touches/s and at least half of Dramatiq's floor; each worker under 200 MB.
-Run from the repository root (PostgreSQL is started for the run with --database postgresql):
+The database is PostgreSQL by default, started for the run: Redis with `cadence worker` processes is the
+production way to run, and PostgreSQL its database. SQLite (--database sqlite) lets one transaction write at
+a time, so its workers take turns at their batches, whatever their number. The tables are analyzed after
+loading, as autovacuum analyzes a deployment's. Run from the repository root:
 
     .venv/bin/python bench/dispatch.py [--touches 10000] [--processes 2] [--threads 4]
-        [--database sqlite|postgresql] [--log-level INFO] [--timeout 90] [--profile DIR] [--keep]
+        [--database postgresql|sqlite] [--log-level INFO] [--timeout 90] [--profile DIR] [--keep]
 
 Each run stops after --timeout seconds and then reports the rate of what it finished, marked as cut short.
 --profile DIR records the first Cadence worker with py-spy during the run (flame graph and raw stacks).
@@ -277,6 +280,11 @@ def make_touches(service: Service, count: int, now: datetime) -> None:
         share = count // len(channels) + (index < count % len(channels))
         if share:
             _copies(service.db, _prototype(service, channel, zone, now), share - 1)
+    if service.db.dialect.name == "postgresql":
+        # Statistics for the planner, as autovacuum gathers them after a bulk load; without them a run's
+        # plans, and its rate, depend on whether autovacuum's first ANALYZE lands before it or during it.
+        with service.db.connect() as connection:
+            connection.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text("ANALYZE"))
 
 
 def touch_statuses(db: sa.Engine) -> dict[str, int]:
@@ -557,7 +565,12 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=4, help="threads per worker process (the default: `cadence worker`'s)"
     )
-    parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument(
+        "--database",
+        choices=["postgresql", "sqlite"],
+        default="postgresql",
+        help="the production database (the default), or SQLite, where one batch writes at a time",
+    )
     parser.add_argument("--log-level", default="INFO", help="LOG_LEVEL of the Cadence workers")
     parser.add_argument("--profile", type=Path, help="folder for a py-spy profile of the first worker")
     parser.add_argument(
