@@ -374,13 +374,22 @@ def skip_reason(when: str | None, skip_when: str | None, context: Mapping[str, A
 
 
 def template_environment(templates_dir: Path) -> jinja2.Environment:
-    """Templates: autoescape for .html, undefined variables are errors, only files under templates_dir."""
+    """Templates: autoescape for .html, undefined variables are errors, only files under templates_dir.
+    A template is read from disk once: an edit goes live when the rules are reloaded (which checks it and
+    calls `forget_templates`), not halfway through a save, and a render costs no look at the file's time."""
     return _Sandbox(
         loader=jinja2.FileSystemLoader(str(templates_dir)),
         undefined=jinja2.StrictUndefined,
         autoescape=jinja2.select_autoescape(enabled_extensions=("html", "htm"), default_for_string=False),
         keep_trailing_newline=True,
+        auto_reload=False,
     )
+
+
+def forget_templates(env: jinja2.Environment) -> None:
+    """Drop the templates `env` has read, so each is read from disk again when next rendered."""
+    if env.cache is not None:
+        env.cache.clear()
 
 
 def render(env: jinja2.Environment, name: str, context: Mapping[str, Any]) -> str:

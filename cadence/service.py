@@ -146,6 +146,7 @@ class Service:
                 log.error("rules not reloaded", extra={"problems": [str(p) for p in exc.problems]})
                 raise
             self._rules = new
+            sandbox.forget_templates(self.templates)  # checked with the rules: edits go live now
         changes = diff.compare_rules(old, new)
         moved = [f"{c.name} {c.status}" for c in changes.cadences if c.status != "unchanged"]
         log.info("rules reloaded", extra={"cadences": moved, "policy_changed": bool(changes.policy)})

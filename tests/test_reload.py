@@ -17,6 +17,7 @@ from starlette.testclient import TestClient
 from test_rules_diff import NEW_CADENCE
 from typer.testing import CliRunner, Result
 
+from cadence import sandbox
 from cadence.cli import app
 
 TOKEN = "reload-token-for-tests"
@@ -155,6 +156,52 @@ def test_a_broken_file_is_422_with_located_problems_and_the_old_rules_stay(
     assert {name: c["content_hash"] for name, c in cadences(cadence).items()} == hashes
     assert enrolled_in(cadence, deal_event()) == ["open-deal"]
     assert enrolled_in(cadence, deal_event("evt-2", type="deal.created", deal_id="d-2")) == []
+
+
+# --- templates go live with the rules ---------------------------------------------------------------------
+
+INVITE = "sms/deal-05-round-table-invite.txt"
+
+
+@pytest.fixture
+def own_templates(tmp_path: Path, rules: Path) -> Iterator[tuple[Harness, Path]]:
+    templates = tmp_path / "templates"
+    shutil.copytree(REPO / "templates", templates)
+    harness = start_harness(make_settings(tmp_path, rules_dir=rules, templates_dir=templates))
+    yield harness, templates
+    harness.stop()
+
+
+def invite(h: Harness) -> str:
+    """The invitation as the workers render it now."""
+    context = {"contact": {"first_name": "Anna"}, "sender": {"company": "Acme", "name": "Ivan"}}
+    return sandbox.render(h.service.dispatcher.templates, INVITE, context)
+
+
+def test_an_edited_template_goes_live_with_a_reload_not_before(own_templates: tuple[Harness, Path]) -> None:
+    cadence, templates = own_templates
+    assert "breakfast round table" in invite(cadence)
+    edit(templates / INVITE, "breakfast round table", "lunch round table")
+    assert "breakfast round table" in invite(cadence)  # saved, not yet checked
+
+    assert reload(cadence).status_code == 200
+
+    assert "lunch round table" in invite(cadence)
+
+
+def test_a_template_broken_on_disk_leaves_the_loaded_one_in_force(
+    own_templates: tuple[Harness, Path],
+) -> None:
+    cadence, templates = own_templates
+    before = invite(cadence)
+    edit(templates / INVITE, "Reply YES.", "Reply {{ YES.")
+
+    response = reload(cadence)
+
+    assert response.status_code == 422, response.text
+    # Located at the step that uses it, with the template's own line.
+    assert any(f"{INVITE}:1:" in p["message"] for p in response.json()["error"]["problems"])
+    assert invite(cadence) == before
 
 
 # --- who may reload ---------------------------------------------------------------------------------------
