@@ -164,11 +164,11 @@ def _note_claim(touch: Touch, now: datetime) -> None:
 #: `cleared_at` but is not counted.
 _LET_GO = (TouchStatus.sending, TouchStatus.sent)
 
-#: `_CLEARED_FOR_CONTACT` for several contacts, with each touch's contact and id. Made once.
-#: Like it, it leaves the status out of the query and `_LET_GO` is applied to the rows: given a status,
-#: a planner without statistics (SQLite always, PostgreSQL before its first ANALYZE, or with statistics
-#: from before a wave of sends) walks the (status, due_at) index through every touch ever sent, instead
-#: of the contacts' few enrollments and their touches.
+#: When the contacts' touches cleared since `since` were, with each touch's contact, id and status; those
+#: `_LET_GO` are what the caps count (see `_read_cleared`). The status is left out of the query and applied
+#: to the rows: given it, a planner without statistics (SQLite always, PostgreSQL before its first ANALYZE,
+#: or with statistics from before a wave of sends) walks the (status, due_at) index through every touch
+#: ever sent, instead of the contacts' few enrollments and their touches. Made once.
 _CLEARED_FOR_CONTACTS = (
     select(Enrollment.contact_id, Touch.id, Touch.cleared_at, Touch.status)
     .join(Enrollment, col(Enrollment.id) == col(Touch.enrollment_id))
@@ -178,6 +178,18 @@ _CLEARED_FOR_CONTACTS = (
     )
 )
 
+
+def _read_cleared(s: Session, contacts: set[int], since: datetime) -> _Cleared:
+    """When each contact's touches were let go by their send-time checks since `since`, with their ids."""
+    found: _Cleared = defaultdict(list)
+    for contact_id, touch_id, at, status in s.exec(
+        _CLEARED_FOR_CONTACTS, params={"contacts": list(contacts), "since": since}
+    ):
+        if status in _LET_GO:
+            found[contact_id].append((touch_id or 0, at))
+    return found
+
+
 #: The enrollment's other touches let go by their send-time checks since `since` (its budget counts them).
 _SPENT_SINCE = (
     select(sa.func.count())
@@ -185,18 +197,6 @@ _SPENT_SINCE = (
     .where(
         Touch.enrollment_id == sa.bindparam("enrollment_id"),
         col(Touch.status).in_(_LET_GO),
-        col(Touch.cleared_at) >= sa.bindparam("since"),
-        col(Touch.id) != sa.bindparam("touch_id"),
-    )
-)
-
-#: When the contact's other touches cleared since `since` were, with their statuses: those `_LET_GO` by
-#: their send-time checks are what the caps count (the status is left to the caller, see above).
-_CLEARED_FOR_CONTACT = (
-    select(Touch.cleared_at, Touch.status)
-    .join(Enrollment, col(Enrollment.id) == col(Touch.enrollment_id))
-    .where(
-        Enrollment.contact_id == sa.bindparam("contact_id"),
         col(Touch.cleared_at) >= sa.bindparam("since"),
         col(Touch.id) != sa.bindparam("touch_id"),
     )
@@ -491,14 +491,7 @@ class Dispatcher:
         its touches is among them: each is added as its checks let it go (see `dispatch_many`)."""
         if not self._locks_contact() or not contacts:
             return None
-        found: _Cleared = defaultdict(list)
-        since = self.clock() - timedelta(days=CAPS_LOOK_BACK_DAYS)
-        for contact_id, touch_id, at, status in s.exec(
-            _CLEARED_FOR_CONTACTS, params={"contacts": list(contacts), "since": since}
-        ):
-            if status in _LET_GO:
-                found[contact_id].append((touch_id or 0, at))
-        return found
+        return _read_cleared(s, contacts, self.clock() - timedelta(days=CAPS_LOOK_BACK_DAYS))
 
     def _claim(self, s: Session, touch: Touch) -> bool:
         """Take the touch from queued to sending; False if it is not queued (already sent, being sent, or
@@ -804,16 +797,9 @@ class Dispatcher:
             return None
         local_midnight = datetime.combine(now.astimezone(zone).date(), datetime.min.time(), tzinfo=zone)
         since = min(now - timedelta(days=CAPS_LOOK_BACK_DAYS), local_midnight.astimezone(UTC))
-        found: Sequence[datetime | None]
-        if batch is not None:
-            found = [at for other, at in batch[contact_id] if other != touch.id and at and at >= since]
-        else:
-            rows = s.exec(
-                _CLEARED_FOR_CONTACT,
-                params={"contact_id": contact_id, "since": since, "touch_id": touch.id},
-            )
-            found = [at for at, status in rows if status in _LET_GO]
-        cleared = sorted(at for at in found if at is not None)
+        if batch is None:  # one touch: its contact's, read now
+            batch = _read_cleared(s, {contact_id}, since)
+        cleared = sorted(at for other, at in batch[contact_id] if other != touch.id and at and at >= since)
         today = [at for at in cleared if at >= local_midnight]
         if caps.per_day and len(today) >= caps.per_day:
             tomorrow = local_midnight + timedelta(days=1)
