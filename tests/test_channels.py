@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.policy
+import errno
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import sqlalchemy as sa
 from harness import make_settings
 from sqlmodel import select
 
+import channels
 from cadence import sandbox, store
 from cadence.clock import ManualClock
 from cadence.engine import contact_view_from
@@ -431,7 +433,25 @@ def test_a_contact_without_email_is_still_reachable_by_phone_and_post(
     assert reachable == {"sms", "call", "letter"}
 
 
-def test_an_outbox_write_makes_its_folder_again_when_it_was_removed(tmp_path: Path) -> None:
+def _makes_unnamed_files(folder: Path) -> bool:
+    """Whether the file system under `folder` makes files with no name (`O_TMPFILE`)."""
+    try:
+        os.close(os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o600))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+@pytest.fixture(params=["unnamed", "named"])
+def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """How the outbox writes a file: into a file with no name, linked once written (where the file system
+    can), or into a named temporary file, renamed once written (elsewhere)."""
+    if request.param == "named":
+        monkeypatch.setattr(channels, "_UNNAMED", 0)
+    return str(request.param)
+
+
+def test_an_outbox_write_makes_its_folder_again_when_it_was_removed(tmp_path: Path, way: str) -> None:
     """The folder is made once and remembered; if someone removes it, the next write makes it again."""
     path = tmp_path / "outbox" / "email" / "a.eml"
     write_atomically(path, b"first")
@@ -442,7 +462,7 @@ def test_an_outbox_write_makes_its_folder_again_when_it_was_removed(tmp_path: Pa
 
 
 def test_an_outbox_write_over_a_temporary_file_left_by_a_killed_writer_leaves_the_whole_message(
-    tmp_path: Path,
+    tmp_path: Path, way: str
 ) -> None:
     """A writer killed between writing its temporary file and renaming it leaves the file behind; a later
     write by the same name (its process id come round again) replaces it, so nothing of it is left over."""
@@ -456,10 +476,18 @@ def test_an_outbox_write_over_a_temporary_file_left_by_a_killed_writer_leaves_th
     assert stat.S_IMODE(path.stat().st_mode) == 0o600  # as the outbox's files always were
 
 
+def test_an_outbox_write_makes_a_new_file_readable_by_its_user_alone(tmp_path: Path, way: str) -> None:
+    path = tmp_path / "email" / "a.eml"
+    write_atomically(path, b"message")
+    assert path.read_bytes() == b"message"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
 def test_an_outbox_writes_temporary_file_never_looks_like_a_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A writer killed before its rename leaves its temporary file: a reader of `*.eml` must not take it."""
+    monkeypatch.setattr(channels, "_UNNAMED", 0)  # the named way, where the file system has no other
     path = tmp_path / "email" / "7-1-0.eml"
 
     def killed(source: Any, target: Any) -> None:
@@ -472,3 +500,79 @@ def test_an_outbox_writes_temporary_file_never_looks_like_a_message(
     left = list(path.parent.iterdir())
     assert len(left) == 1 and left[0].suffix == ".tmp"
     assert list(path.parent.glob("*.eml")) == []
+
+
+def test_an_outbox_writer_killed_before_naming_its_file_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the file system makes files with no name, a new message is written into one and then named:
+    a writer killed before that leaves nothing in the folder, not even a temporary file."""
+    if not _makes_unnamed_files(tmp_path):
+        pytest.skip("this file system makes no files without a name")
+    path = tmp_path / "email" / "7-1-0.eml"
+    path.parent.mkdir()
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt  # as if killed between writing and naming
+
+    monkeypatch.setattr(os, "link", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(path, b"half")
+    assert list(path.parent.iterdir()) == []
+
+
+def test_an_outbox_write_of_a_new_file_changes_its_folder_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new message is named once it is written, with no temporary name made and then renamed: threads
+    and processes making files in one folder hold its lock half as often. A rewrite still replaces the
+    file by a rename, which a link cannot do."""
+    if not _makes_unnamed_files(tmp_path):
+        pytest.skip("this file system makes no files without a name")
+    renames: list[str] = []
+    rename = os.replace
+
+    def counted(source: Any, target: Any) -> None:
+        renames.append(Path(target).name)
+        rename(source, target)
+
+    monkeypatch.setattr(os, "replace", counted)
+    path = tmp_path / "email" / "a.eml"
+    write_atomically(path, b"first")
+    assert renames == []
+    write_atomically(path, b"second")
+    assert renames == ["a.eml"] and path.read_bytes() == b"second"
+    assert [p.name for p in path.parent.iterdir()] == ["a.eml"]
+
+
+@pytest.mark.parametrize("refused", ["making", "naming"])
+def test_an_outbox_on_a_file_system_without_unnamed_files_takes_the_named_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused: str
+) -> None:
+    """A file system that cannot make a file with no name (or name one) gets a named temporary file instead,
+    the whole message all the same; the folder is remembered, so the next write does not try again."""
+    path = tmp_path / "email" / "a.eml"
+    path.parent.mkdir()
+    tries: list[str] = []
+    real_open, real_link = os.open, os.link
+
+    def no_unnamed_open(file: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & channels._UNNAMED == channels._UNNAMED:
+            tries.append("open")
+            if refused == "making":
+                raise OSError(errno.EOPNOTSUPP, "no unnamed files here")
+        return real_open(file, flags, *args, **kwargs)
+
+    def no_link(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EXDEV, "cannot name it here")
+
+    monkeypatch.setattr(os, "open", no_unnamed_open)
+    if refused == "naming":
+        monkeypatch.setattr(os, "link", no_link)
+    monkeypatch.setattr(channels, "_named_only", set())
+    write_atomically(path, b"first")
+    write_atomically(tmp_path / "email" / "b.eml", b"second")
+    monkeypatch.setattr(os, "link", real_link)
+    assert tries == ["open"]  # the second write went the named way straight away
+    assert path.read_bytes() == b"first" and (tmp_path / "email" / "b.eml").read_bytes() == b"second"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["a.eml", "b.eml"]
