@@ -163,9 +163,7 @@ def _write_unnamed(folder: Path, path: Path, data: bytes) -> bool:
     except FileNotFoundError:  # the folder was removed since: the named way makes it again
         return False
     except OSError as exc:  # no files without a name here, or something the named way meets and reports too
-        if exc.errno in _CANNOT_UNNAMED:
-            _named_only.add(folder)
-        return False
+        return _refused(folder, exc)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
         handle.flush()
@@ -178,14 +176,24 @@ def _write_unnamed(folder: Path, path: Path, data: bytes) -> bool:
             tmp = _temporary(path)
             tmp.unlink(missing_ok=True)  # left by a writer killed before its rename
             os.link(unnamed, tmp, src_dir_fd=fd, follow_symlinks=True)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
         except FileNotFoundError:  # the folder was removed since, or there is no /proc
             return False
         except OSError as exc:
-            if exc.errno in _CANNOT_UNNAMED:
-                _named_only.add(folder)
-            return False
+            return _refused(folder, exc)
     return True
+
+
+def _refused(folder: Path, exc: OSError) -> bool:
+    """False, for the named way to be taken; remembered for `folder` when its file system cannot make or name
+    a file with no name, not for an error the named way meets as well and reports."""
+    if exc.errno in _CANNOT_UNNAMED:
+        _named_only.add(folder)
+    return False
 
 
 def _write_named(folder: Path, path: Path, data: bytes) -> None:

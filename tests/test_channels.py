@@ -545,6 +545,24 @@ def test_an_outbox_write_of_a_new_file_changes_its_folder_once(
     assert [p.name for p in path.parent.iterdir()] == ["a.eml"]
 
 
+def test_an_outbox_rewrite_that_fails_leaves_the_message_before_it_and_nothing_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, way: str
+) -> None:
+    """A rewrite goes under a temporary name and is renamed over the message: should the rename fail, the
+    temporary file goes and the message stays as it was."""
+    path = tmp_path / "email" / "a.eml"
+    write_atomically(path, b"first")
+
+    def refused(source: Any, target: Any) -> None:
+        raise OSError(errno.EACCES, "cannot replace it")
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(OSError, match="cannot replace it"):
+        write_atomically(path, b"second")
+    assert [p.name for p in path.parent.iterdir()] == ["a.eml"]
+    assert path.read_bytes() == b"first"
+
+
 @pytest.mark.parametrize("refused", ["making", "naming"])
 def test_an_outbox_on_a_file_system_without_unnamed_files_takes_the_named_way(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused: str
@@ -554,7 +572,7 @@ def test_an_outbox_on_a_file_system_without_unnamed_files_takes_the_named_way(
     path = tmp_path / "email" / "a.eml"
     path.parent.mkdir()
     tries: list[str] = []
-    real_open, real_link = os.open, os.link
+    real_open = os.open
 
     def no_unnamed_open(file: Any, flags: int, *args: Any, **kwargs: Any) -> int:
         if flags & channels._UNNAMED == channels._UNNAMED:
@@ -572,7 +590,6 @@ def test_an_outbox_on_a_file_system_without_unnamed_files_takes_the_named_way(
     monkeypatch.setattr(channels, "_named_only", set())
     write_atomically(path, b"first")
     write_atomically(tmp_path / "email" / "b.eml", b"second")
-    monkeypatch.setattr(os, "link", real_link)
     assert tries == ["open"]  # the second write went the named way straight away
     assert path.read_bytes() == b"first" and (tmp_path / "email" / "b.eml").read_bytes() == b"second"
     assert sorted(p.name for p in path.parent.iterdir()) == ["a.eml", "b.eml"]
