@@ -107,6 +107,8 @@ class Service:
         self.broker = brokers.create_broker(settings.redis_url)
         self.actor = brokers.declare_dispatch(self.broker, self.dispatcher.dispatch)
         self.batch_actor = brokers.declare_dispatch_many(self.broker, self._dispatch_batch)
+        #: Turns at sending a batch (see `Settings.worker_batches`).
+        self._batch_turns = threading.BoundedSemaphore(settings.worker_batches)
         #: Deliveries stored in a burst are acted on by workers, like touches.
         inbox_actor = brokers.declare_inbox(self.broker, self.inbox.act_on)
         self.inbox.hand_off = lambda row_ids: brokers.send_all(inbox_actor, row_ids)
@@ -278,10 +280,12 @@ class Service:
 
     def _dispatch_batch(self, touch_ids: list[int]) -> None:
         """A worker's batch: what may go together goes together, the rest in a message each; after any
-        error or time limit, each touch gets a message of its own (one already sent finds nothing to do)."""
+        error or time limit, each touch gets a message of its own (one already sent finds nothing to do).
+        It waits for a turn first (see `Settings.worker_batches`)."""
         batch = Batch()
         try:
-            self.dispatcher.dispatch_many(touch_ids, self._queue_each, batch)
+            with self._batch_turns:
+                self.dispatcher.dispatch_many(touch_ids, self._queue_each, batch)
         except (Exception, TimeLimitExceeded):
             log.exception("a batch of touches failed; each is queued alone", extra={"touches": touch_ids})
             waiting = {touch_id for touch_id, _ in batch.retries}  # these keep their pause before a retry

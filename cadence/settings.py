@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     lease_seconds: int = 300
     #: Worker threads in `cadence serve` (embedded) or per `cadence worker` process.
     worker_threads: int = 4
+    #: Batches of touches from the scheduler one such process sends at a time; its other threads wait for a
+    #: turn, or send the touches that go alone. A batch is work for the processor, not a wait on the network:
+    #: more batches at once than the process has a core for only take turns at it, each holding its
+    #: transaction open longer.
+    worker_batches: int = Field(default=2, ge=1)
     #: Zone used when neither the contact nor the cadence names one.
     default_timezone: str = "UTC"
     sender_name: str = "Cadence"

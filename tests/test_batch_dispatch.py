@@ -585,3 +585,49 @@ def test_a_batch_looks_up_each_cadence_version_once(
     batch = harness.service.dispatcher.dispatch_many(ids)
     assert {r.status for r in batch.results} == {TouchStatus.sent}
     assert len(looked_up) == len(set(looked_up)) == 2  # the email cadence's version, the call cadence's
+
+
+@pytest.mark.parametrize("harness", ["sqlite"], indirect=True)
+def test_a_worker_sends_as_many_batches_at_a_time_as_it_is_given_turns(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four threads each with a batch, in a process with two turns (the default): two batches are sent at
+    a time, the others wait for a turn, and every touch is sent once."""
+    turns = harness.service.settings.worker_batches
+    assert turns == 2
+    lots = [enroll(harness, "email", 2, start=2 * n) for n in range(4)]
+    inside: list[int] = []
+    most = 0
+    changed = threading.Condition()
+    dispatch_many = Dispatcher.dispatch_many
+
+    def watched(self: Dispatcher, *args: Any, **named: Any) -> Batch:
+        nonlocal most
+        with changed:
+            inside.append(threading.get_ident())
+            most = max(most, len(inside))
+            changed.notify_all()
+            # Give the other threads time to come in beside this one, were they let in.
+            changed.wait_for(lambda: len(inside) > turns, timeout=0.5)
+        try:
+            return dispatch_many(self, *args, **named)
+        finally:
+            with changed:
+                inside.remove(threading.get_ident())
+                changed.notify_all()
+
+    monkeypatch.setattr(Dispatcher, "dispatch_many", watched)
+    threads = [threading.Thread(target=harness.service._dispatch_batch, args=(lot,)) for lot in lots]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert most == turns
+    ids = [touch_id for lot in lots for touch_id in lot]
+    assert [(touch(harness, i).status, touch(harness, i).attempts) for i in ids] == [("sent", 1)] * 8
+    assert len(emails(harness)) == 8
+
+
+def test_a_worker_needs_at_least_one_turn_at_batches(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="worker_batches"):
+        make_settings(tmp_path, worker_batches=0)
