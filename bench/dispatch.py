@@ -137,6 +137,8 @@ class Run:
     statuses: dict[str, int] = field(default_factory=dict)
     #: Touches per second the scheduler claimed and queued (Cadence only).
     claim_rate: float = 0.0
+    #: CPU seconds the workers spent from when they were ready until the run was done (both processes).
+    cpu_seconds: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -145,7 +147,11 @@ class Run:
     def summary(self, verb: str) -> str:
         cut = "" if self.complete else " (cut short at the timeout)"
         peaks = ", ".join(f"{mb:.0f}" for mb in self.peak_mb)
-        return f"{self.done} {verb} in {self.seconds:.2f} s{cut}; worker peaks {peaks} MB"
+        cpu = 1000 * self.cpu_seconds / self.done if self.done else 0.0
+        return (
+            f"{self.done} {verb} in {self.seconds:.2f} s{cut}; worker peaks {peaks} MB; "
+            f"worker CPU {cpu:.2f} ms each"
+        )
 
 
 @dataclass
@@ -368,20 +374,27 @@ def workers(
 
 
 class Sampler(threading.Thread):
-    """Peak RSS of each process with its children, sampled until stopped."""
+    """Peak RSS of each process with its children, sampled until stopped; and their CPU time meanwhile."""
 
     def __init__(self, procs: list[psutil.Process]) -> None:
         super().__init__(daemon=True)
         self.procs = procs
         self.peaks = [0.0] * len(procs)
         self.done = threading.Event()
+        self._cpu_at_start = self._cpu_now()
+        #: CPU seconds of all the processes from the sampler's making until it was stopped.
+        self.cpu_seconds = 0.0
+
+    def _cpu_now(self) -> float:
+        return sum(self._total(proc, lambda one: sum(one.cpu_times()[:2])) for proc in self.procs)
 
     @staticmethod
-    def _rss(proc: psutil.Process) -> int:
-        total = 0
+    def _total(proc: psutil.Process, measure: Callable[[psutil.Process], float]) -> float:
+        """`measure` of the process and its children, summed over those still running."""
+        total = 0.0
         for each in [proc, *proc.children(recursive=True)]:
             try:
-                total += each.memory_info().rss
+                total += measure(each)
             except psutil.NoSuchProcess:
                 continue
         return total
@@ -390,10 +403,12 @@ class Sampler(threading.Thread):
         while not self.done.is_set():
             for n, proc in enumerate(self.procs):
                 try:
-                    self.peaks[n] = max(self.peaks[n], self._rss(proc) / 2**20)
+                    rss = self._total(proc, lambda one: one.memory_info().rss)
+                    self.peaks[n] = max(self.peaks[n], rss / 2**20)
                 except psutil.NoSuchProcess:
                     continue
             self.done.wait(SAMPLE_SECONDS)
+        self.cpu_seconds = self._cpu_now() - self._cpu_at_start
 
 
 def _wait_for(finished: Callable[[], bool], procs: list[psutil.Process], timeout: float, what: str) -> bool:
@@ -471,7 +486,8 @@ def run_cadence(setup: Setup, count: int) -> Run:
         statuses["next planned"] = planned_next(watch)
         claimed, claiming, seconds = span(watch)
         sent = statuses.get(TouchStatus.sent, 0)
-        return Run(sent, seconds, complete, sampler.peaks, statuses, claimed / claiming if claiming else 0.0)
+        claim_rate = claimed / claiming if claiming else 0.0
+        return Run(sent, seconds, complete, sampler.peaks, statuses, claim_rate, sampler.cpu_seconds)
     finally:
         watch.dispose()
         service.stop()
@@ -508,7 +524,8 @@ def run_floor(setup: Setup, count: int) -> Run:
                 sampler.done.set()
                 sampler.join()
         seconds = float(client.get(noop_actor.LAST)) - float(client.get(noop_actor.FIRST))
-        return Run(int(client.get(noop_actor.COUNTER)), seconds, complete, sampler.peaks)
+        done = int(client.get(noop_actor.COUNTER))
+        return Run(done, seconds, complete, sampler.peaks, cpu_seconds=sampler.cpu_seconds)
     finally:
         broker.close()
 
