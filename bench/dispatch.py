@@ -7,7 +7,9 @@ checks, render, file outbox (or a call task), receipt, next touch planned. The t
 claim to the last touch finished, as the database records them. Dramatiq's floor: the same number of worker
 processes and threads on the same Redis, running a no-op actor (bench/noop_actor.py) on N messages queued
 before they start, timed from the first message processed to the last.
-Each worker's RSS (with its children) is sampled every 100 ms during the Cadence run.
+Each worker's RSS (with its children) is sampled every 100 ms during the Cadence run. From when the workers
+are ready until the run is done, their CPU time is counted (printed a touch, or a message), and the whole
+machine's split between user, kernel and idle.
 
 Targets: Cadence at least 1,000 touches/s and at least half of Dramatiq's floor; each worker under 200 MB.
 The database is PostgreSQL by default, started for the run: Redis with `cadence worker` processes is the
@@ -20,6 +22,10 @@ loading, as autovacuum analyzes a deployment's. Run from the repository root:
 
 Each run stops after --timeout seconds and then reports the rate of what it finished, marked as cut short.
 --profile DIR records the first Cadence worker with py-spy during the run (flame graph and raw stacks).
+Everything lives in a new temporary folder (in $TMPDIR, else /tmp), removed at the end unless --keep.
+On ext4 without a journal, files made in a folder near many files deleted in the last few minutes cost the
+kernel several times more (see bench/RESULTS.md): the run after a test suite or another run shows it as a
+larger kernel share.
 """
 
 from __future__ import annotations
@@ -139,6 +145,8 @@ class Run:
     claim_rate: float = 0.0
     #: CPU seconds the workers spent from when they were ready until the run was done (both processes).
     cpu_seconds: float = 0.0
+    #: The whole machine's CPU meanwhile, in shares: user, kernel, idle (see `Sampler.machine`).
+    machine: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     @property
     def rate(self) -> float:
@@ -148,9 +156,10 @@ class Run:
         cut = "" if self.complete else " (cut short at the timeout)"
         peaks = ", ".join(f"{mb:.0f}" for mb in self.peak_mb)
         cpu = 1000 * self.cpu_seconds / self.done if self.done else 0.0
+        user, kernel, idle = self.machine
         return (
             f"{self.done} {verb} in {self.seconds:.2f} s{cut}; worker peaks {peaks} MB; "
-            f"worker CPU {cpu:.2f} ms each"
+            f"worker CPU {cpu:.2f} ms each; machine {user:.0%} user, {kernel:.0%} kernel, {idle:.0%} idle"
         )
 
 
@@ -382,8 +391,12 @@ class Sampler(threading.Thread):
         self.peaks = [0.0] * len(procs)
         self.done = threading.Event()
         self._cpu_at_start = self._cpu_now()
+        self._machine_at_start = psutil.cpu_times()
         #: CPU seconds of all the processes from the sampler's making until it was stopped.
         self.cpu_seconds = 0.0
+        #: The whole machine's CPU time over the same span, in shares: user (with nice), kernel (with
+        #: interrupts), idle (with waits for the disk). A file system that makes files slowly shows as kernel.
+        self.machine = (0.0, 0.0, 0.0)
 
     def _cpu_now(self) -> float:
         return sum(self._total(proc, lambda one: sum(one.cpu_times()[:2])) for proc in self.procs)
@@ -409,6 +422,16 @@ class Sampler(threading.Thread):
                     continue
             self.done.wait(SAMPLE_SECONDS)
         self.cpu_seconds = self._cpu_now() - self._cpu_at_start
+        spent = {
+            name: value - getattr(self._machine_at_start, name)
+            for name, value in psutil.cpu_times()._asdict().items()
+        }
+        total = sum(spent.values()) or 1.0
+
+        def share(*names: str) -> float:
+            return sum(spent.get(name, 0.0) for name in names) / total
+
+        self.machine = (share("user", "nice"), share("system", "irq", "softirq"), share("idle", "iowait"))
 
 
 def _wait_for(finished: Callable[[], bool], procs: list[psutil.Process], timeout: float, what: str) -> bool:
@@ -487,7 +510,9 @@ def run_cadence(setup: Setup, count: int) -> Run:
         claimed, claiming, seconds = span(watch)
         sent = statuses.get(TouchStatus.sent, 0)
         claim_rate = claimed / claiming if claiming else 0.0
-        return Run(sent, seconds, complete, sampler.peaks, statuses, claim_rate, sampler.cpu_seconds)
+        return Run(
+            sent, seconds, complete, sampler.peaks, statuses, claim_rate, sampler.cpu_seconds, sampler.machine
+        )
     finally:
         watch.dispose()
         service.stop()
@@ -525,7 +550,9 @@ def run_floor(setup: Setup, count: int) -> Run:
                 sampler.join()
         seconds = float(client.get(noop_actor.LAST)) - float(client.get(noop_actor.FIRST))
         done = int(client.get(noop_actor.COUNTER))
-        return Run(done, seconds, complete, sampler.peaks, cpu_seconds=sampler.cpu_seconds)
+        return Run(
+            done, seconds, complete, sampler.peaks, cpu_seconds=sampler.cpu_seconds, machine=sampler.machine
+        )
     finally:
         broker.close()
 
