@@ -337,6 +337,7 @@ class Dispatcher:
         touch_ids: Sequence[int],
         send_alone: Callable[[list[int]], None] | None = None,
         batch: Batch | None = None,
+        began: float | None = None,
     ) -> Batch:
         """Send several touches in one transaction: their late checks, their sends and their records with the
         next steps planned, instead of two transactions each. What a worker does with a batch from the
@@ -346,14 +347,15 @@ class Dispatcher:
         stays on this machine (a file, a row), so it may run inside the transaction. Should the transaction
         roll back after a send, nothing of the batch is recorded: each touch is sent again alone, which writes
         the same file (by its key) once more. The others are left queued and listed in `alone`, as are those
-        whose turn comes `batch_seconds` after the batch began; `send_alone`, if given, gets each lot as soon
+        whose turn comes `batch_seconds` after the batch began (at `began`, a `time.monotonic()` reading, when
+        its message waited for a turn before this; else now); `send_alone`, if given, gets each lot as soon
         as it is known, to give each touch a message of its own. An error rolls back the whole batch and is
         raised: the caller then gives each touch a message of its own. `batch` (a new one unless given)
         gets the results, and keeps the touches to go alone and those to retry after a pause when an error
         is raised, for a caller that catches it.
         """
         batch = batch if batch is not None else Batch()
-        began = time.monotonic()
+        began = time.monotonic() if began is None else began
         late: list[int] = []
         sent: list[_Sent] = []
         try:

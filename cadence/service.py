@@ -6,6 +6,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -281,11 +282,13 @@ class Service:
     def _dispatch_batch(self, touch_ids: list[int]) -> None:
         """A worker's batch: what may go together goes together, the rest in a message each; after any
         error or time limit, each touch gets a message of its own (one already sent finds nothing to do).
-        It waits for a turn first (see `Settings.worker_batches`)."""
+        It waits for a turn first (see `Settings.worker_batches`); the wait counts against the batch's time,
+        as it does against the message's time limit."""
         batch = Batch()
+        began = time.monotonic()
         try:
             with self._batch_turns:
-                self.dispatcher.dispatch_many(touch_ids, self._queue_each, batch)
+                self.dispatcher.dispatch_many(touch_ids, self._queue_each, batch, began)
         except (Exception, TimeLimitExceeded):
             log.exception("a batch of touches failed; each is queued alone", extra={"touches": touch_ids})
             waiting = {touch_id for touch_id, _ in batch.retries}  # these keep their pause before a retry

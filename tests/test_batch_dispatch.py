@@ -631,3 +631,36 @@ def test_a_worker_sends_as_many_batches_at_a_time_as_it_is_given_turns(
 def test_a_worker_needs_at_least_one_turn_at_batches(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="worker_batches"):
         make_settings(tmp_path, worker_batches=0)
+
+
+@pytest.mark.parametrize("harness", ["sqlite"], indirect=True)
+def test_a_batch_that_waited_out_its_time_for_a_turn_hands_its_touches_back(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait for a turn counts against a batch's time, as against its message's time limit: a batch that
+    waited longer than it may take to begin its sends begins none, and each touch goes alone, once."""
+    service = harness.service
+    ids = enroll(harness, "email", 3)
+    service.dispatcher.batch_seconds = 0.2
+    handed_back: list[int] = []
+    queue_each = service._queue_each
+
+    def noted(touch_ids: list[int]) -> None:
+        handed_back.extend(touch_ids)
+        queue_each(touch_ids)
+
+    monkeypatch.setattr(service, "_queue_each", noted)
+    turns = service.settings.worker_batches
+    for _ in range(turns):  # every turn taken, by batches that take their time
+        service._batch_turns.acquire()
+    waiting = threading.Thread(target=service._dispatch_batch, args=(ids,))
+    waiting.start()
+    time.sleep(0.4)
+    for _ in range(turns):
+        service._batch_turns.release()
+    waiting.join(10)
+    assert handed_back == ids
+    assert emails(harness) == []
+    harness.drain()
+    assert [(touch(harness, i).status, touch(harness, i).attempts) for i in ids] == [("sent", 1)] * 3
+    assert len(emails(harness)) == 3
