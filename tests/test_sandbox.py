@@ -94,6 +94,22 @@ def test_template_can_read_public_attributes(templates: Path) -> None:
     assert render_source(templates, "{{ contact.name }}", {"contact": Person()}) == "Ada"
 
 
+def test_a_templates_own_globals_overlay_the_environments_and_stay_its_own(templates: Path) -> None:
+    """Each template sees the environment's globals (`range`, bounded) under any of its own, and its own
+    reach neither the environment nor another template."""
+    env = sandbox.template_environment(templates)
+    mine = env.from_string("{{ greeting }} {{ range(3) | list }}", globals={"greeting": "hello"})
+    other = env.from_string("{{ greeting is defined }} {{ range(2) | list }}")
+    assert mine.render() == "hello [0, 1, 2]"
+    assert other.render() == "False [0, 1]"
+    assert "greeting" not in env.globals
+    shadowing = env.from_string("{{ range }}", globals={"range": "mine"})
+    assert shadowing.render() == "mine"
+    assert env.from_string("{{ range(1) | list }}").render() == "[0]"
+    with pytest.raises(sandbox.ExpressionError):
+        sandbox.evaluate("range(10 ** 9) | list", {})  # the environment's bounded range, still
+
+
 def test_template_cannot_mutate_a_list_immutable_sandbox(templates: Path) -> None:
     refused_template(templates, "{{ [].pop() }}", {})
     items = [SECRET, "other"]
