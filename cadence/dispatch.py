@@ -576,7 +576,7 @@ class Dispatcher:
             "provider": receipt.provider,
             "reference": receipt.reference,
         }
-        self.finish(s, touch, TouchStatus.sent, None, later, facts)
+        self.finish(s, touch, TouchStatus.sent, None, later, facts, loaded)
         if self.engine.activity:
             outbound.touch_sent(s, touch, self.clock())
 
@@ -615,8 +615,8 @@ class Dispatcher:
         if enrollment.status != EnrollmentStatus.active:
             return self._close(touch, TouchStatus.cancelled, f"enrollment {enrollment.status}"), None
         now = self.clock()
-        context: dict[str, Any] = self.engine.context(s, enrollment)
-        why, target = self.engine.exit_decision(s, enrollment, context)
+        context: dict[str, Any] = self.engine.context(s, enrollment, loaded.contact, loaded.deal)
+        why, target = self.engine.exit_decision(s, enrollment, context, loaded.deal)
         if why is not None:
             self.engine.leave(s, enrollment, why, target, now)
             return self._close(touch, TouchStatus.cancelled, why), None
@@ -854,14 +854,19 @@ class Dispatcher:
         reason: str | None,
         later: list[Touch] | None = None,
         facts: dict[str, Any] | None = None,
+        loaded: _Loaded | None = None,
     ) -> Result:
         """Record how a touch ended and plan the enrollment's next step (into `later`, given it, and from
-        `facts`, the enrollment's context when the caller has it read: see `Engine.plan`)."""
+        `facts`, the enrollment's context when the caller has it read: see `Engine.plan`); `loaded` holds
+        the touch's rows when the caller has them."""
         result = self._close(touch, status, reason)
         self.metrics.touches.labels(touch.channel, status).inc()
-        enrollment = s.get_one(Enrollment, touch.enrollment_id)
+        enrollment = loaded.enrollment if loaded else s.get_one(Enrollment, touch.enrollment_id)
+        contact = loaded.contact if loaded else None
         if enrollment.status in (EnrollmentStatus.active, EnrollmentStatus.paused):
-            following = self.engine.plan(s, enrollment, touch.step_index + 1, self.clock(), later, facts)
+            following = self.engine.plan(
+                s, enrollment, touch.step_index + 1, self.clock(), later, facts, contact
+            )
             if following is not None and enrollment.status == EnrollmentStatus.paused:
                 following.status, following.status_reason = TouchStatus.held, "enrollment paused"
         return result

@@ -426,11 +426,13 @@ class Engine:
         now: datetime,
         later: list[Touch] | None = None,
         context: dict[str, Any] | None = None,
+        contact: Contact | None = None,
     ) -> Touch | None:
         """Plan touch number `step_index`, or complete the enrollment when there is none (or its repeat's
         goal holds). Given `later`, the new touch is added to it instead of inserted, for the caller to insert
         with others (`store.insert_all_unless_taken`, which leaves it out if its key is taken by then).
-        `context` is the enrollment's (see `context`), when the caller has just read it."""
+        `context` is the enrollment's (see `context`), when the caller has just read it; `contact` its
+        contact's row, when the caller holds it."""
         spec = self.spec_of(s, enrollment)
         point = spec.touchpoint(step_index)
         if point is None:
@@ -442,7 +444,7 @@ class Engine:
             return None
 
         def make() -> Touch:
-            contact = s.get_one(Contact, enrollment.contact_id)
+            person = contact or s.get_one(Contact, enrollment.contact_id)
             facts = context if context is not None else self.context(s, enrollment)
             variant = pick_variant(point.variants, stable_fraction(enrollment.id, step_index))
             option = self.choose_option(point, facts)
@@ -456,7 +458,7 @@ class Engine:
                 template=template,
                 variant=variant.name if variant else None,
                 reason=point.reason,
-                due_at=self.due(spec, contact, enrollment, step_index, channel, now),
+                due_at=self.due(spec, person, enrollment, step_index, channel, now),
             )
 
         if later is not None:
@@ -686,11 +688,17 @@ class Engine:
             effects.enrolled.append(moved.id or 0)
 
     def exit_decision(
-        self, s: Session, enrollment: Enrollment, context: dict[str, Any] | None = None
+        self,
+        s: Session,
+        enrollment: Enrollment,
+        context: dict[str, Any] | None = None,
+        deal: Deal | None = None,
     ) -> tuple[str | None, str | None]:
-        """(why the enrollment should end, the cadence it moves to) — (None, None) while it should go on."""
+        """(why the enrollment should end, the cadence it moves to) — (None, None) while it should go on.
+        `deal` is the enrollment's, when the caller holds it."""
         spec = self.spec_of(s, enrollment)
-        deal = s.get(Deal, enrollment.deal_id) if enrollment.deal_id else None
+        if deal is None and enrollment.deal_id:
+            deal = s.get(Deal, enrollment.deal_id)
         if deal is not None and deal.status in ("won", "lost"):
             target = spec.then.targets().get(deal.status)
             if target is not None:
@@ -701,9 +709,14 @@ class Engine:
                 return f"exit.when: {spec.exit.when}", None
         return None, None
 
-    def context(self, s: Session, enrollment: Enrollment) -> dict[str, Any]:
-        contact = s.get_one(Contact, enrollment.contact_id)
-        deal = s.get(Deal, enrollment.deal_id) if enrollment.deal_id else None
+    def context(
+        self, s: Session, enrollment: Enrollment, contact: Contact | None = None, deal: Deal | None = None
+    ) -> dict[str, Any]:
+        """What conditions and templates see of the enrollment; `contact` and `deal` are its rows, when the
+        caller holds them (else they are found in `s`)."""
+        contact = contact or s.get_one(Contact, enrollment.contact_id)
+        if deal is None and enrollment.deal_id:
+            deal = s.get(Deal, enrollment.deal_id)
         return {
             "contact": contact_view(contact),
             "deal": deal_view(deal),

@@ -18,7 +18,7 @@ from sqlmodel import Session, col, select
 from cadence import broker as brokers
 from cadence import store
 from cadence.dispatch import _NOT_QUEUED, BATCH_SIZE, Batch, Dispatcher
-from cadence.models import CadenceVersion, CallTask, Enrollment, Touch, TouchStatus
+from cadence.models import CadenceVersion, CallTask, Contact, Deal, Enrollment, Touch, TouchStatus
 from channels import TransientError
 from channels.email import EmailOutbox
 
@@ -179,7 +179,7 @@ def test_a_batch_plans_each_next_step_from_the_context_its_checks_read(
     engine = harness.service.engine
     context = engine.context
     made: list[int] = []
-    monkeypatch.setattr(engine, "context", lambda s, e: made.append(e.id) or context(s, e))
+    monkeypatch.setattr(engine, "context", lambda s, e, *rows: made.append(e.id) or context(s, e, *rows))
     batch = harness.service.dispatcher.dispatch_many(ids)
     assert {r.status for r in batch.results} == {TouchStatus.sent}
     assert sorted(made) == sorted(touch(harness, i).enrollment_id for i in ids)
@@ -326,11 +326,11 @@ def test_a_batch_whose_late_checks_fail_sends_each_touch_alone(
     decide = engine.exit_decision
     failed: list[str] = []
 
-    def fails_once(s: Any, enrollment: Any, context: dict[str, Any]) -> Any:
+    def fails_once(s: Any, enrollment: Any, context: dict[str, Any], *deal: Any) -> Any:
         if context["contact"]["email"] == unlucky and not failed:
             failed.append(unlucky)
             raise RuntimeError("the exit condition's data source hiccupped")
-        return decide(s, enrollment, context)
+        return decide(s, enrollment, context, *deal)
 
     monkeypatch.setattr(engine, "exit_decision", fails_once)
     keys = [touch(harness, i).key for i in ids]
@@ -585,6 +585,31 @@ def test_a_batch_looks_up_each_cadence_version_once(
     batch = harness.service.dispatcher.dispatch_many(ids)
     assert {r.status for r in batch.results} == {TouchStatus.sent}
     assert len(looked_up) == len(set(looked_up)) == 2  # the email cadence's version, the call cadence's
+
+
+def test_a_batch_asks_the_session_for_none_of_the_rows_it_read_with_its_touches(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch reads each touch with its enrollment, contact and deal in one query; its checks, its record
+    and its planning use those rows, rather than looking each up again by its key."""
+    ids = enroll(harness, "email", 3) + enroll(harness, "call", 2)
+    get, get_one = Session.get, Session.get_one
+    looked_up: list[str] = []
+
+    def counting(found: Any) -> Any:
+        def look_up(self: Session, model: Any, ident: Any, **options: Any) -> Any:
+            if model in (Enrollment, Contact, Deal):
+                looked_up.append(model.__name__)
+            return found(self, model, ident, **options)
+
+        return look_up
+
+    monkeypatch.setattr(Session, "get", counting(get))
+    monkeypatch.setattr(Session, "get_one", counting(get_one))
+    batch = harness.service.dispatcher.dispatch_many(ids)
+    assert {r.status for r in batch.results} == {TouchStatus.sent}
+    assert looked_up == []
+    assert next_steps(harness) == 5
 
 
 @pytest.mark.parametrize("harness", ["sqlite"], indirect=True)
