@@ -632,7 +632,8 @@ def test_a_worker_sends_as_many_batches_at_a_time_as_it_is_given_turns(
             inside.append(threading.get_ident())
             most = max(most, len(inside))
             changed.notify_all()
-            # Give the other threads time to come in beside this one, were they let in.
+            changed.wait_for(lambda: len(inside) >= turns, timeout=10)  # the turns all taken
+            # Then time for the other threads to come in beside these, were they let in.
             changed.wait_for(lambda: len(inside) > turns, timeout=0.5)
         try:
             return dispatch_many(self, *args, **named)
