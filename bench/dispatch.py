@@ -403,9 +403,13 @@ class Sampler(threading.Thread):
 
     @staticmethod
     def _total(proc: psutil.Process, measure: Callable[[psutil.Process], float]) -> float:
-        """`measure` of the process and its children, summed over those still running."""
+        """`measure` of the process and its children, summed over those still running (0 once it is gone)."""
+        try:
+            family = [proc, *proc.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0.0
         total = 0.0
-        for each in [proc, *proc.children(recursive=True)]:
+        for each in family:
             try:
                 total += measure(each)
             except psutil.NoSuchProcess:
@@ -415,11 +419,8 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self.done.is_set():
             for n, proc in enumerate(self.procs):
-                try:
-                    rss = self._total(proc, lambda one: one.memory_info().rss)
-                    self.peaks[n] = max(self.peaks[n], rss / 2**20)
-                except psutil.NoSuchProcess:
-                    continue
+                rss = self._total(proc, lambda one: one.memory_info().rss)
+                self.peaks[n] = max(self.peaks[n], rss / 2**20)
             self.done.wait(SAMPLE_SECONDS)
         self.cpu_seconds = self._cpu_now() - self._cpu_at_start
         spent = {
