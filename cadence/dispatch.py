@@ -182,8 +182,8 @@ _CLEARED_FOR_CONTACTS = (
 def _read_cleared(s: Session, contacts: set[int], since: datetime) -> _Cleared:
     """When each contact's touches were let go by their send-time checks since `since`, with their ids."""
     found: _Cleared = defaultdict(list)
-    for contact_id, touch_id, at, status in s.exec(
-        _CLEARED_FOR_CONTACTS, params={"contacts": list(contacts), "since": since}
+    for contact_id, touch_id, at, status in store.select_rows(
+        s, _CLEARED_FOR_CONTACTS, {"contacts": list(contacts), "since": since}
     ):
         if status in _LET_GO:
             found[contact_id].append((touch_id or 0, at))
@@ -471,7 +471,7 @@ class Dispatcher:
         queued = [touch for touch in touches if touch.status == TouchStatus.queued]
         if queued and self.db.dialect.name != "sqlite":
             ids = [touch.id for touch in queued]
-            current = {row[0]: row[1:] for row in s.exec(_LOCK_ALL, params={"ids": ids})}
+            current = {row[0]: row[1:] for row in store.select_rows(s, _LOCK_ALL, {"ids": ids})}
             for touch in queued:
                 status, attempts = current[touch.id]
                 set_committed_value(touch, "status", status)
@@ -539,7 +539,7 @@ class Dispatcher:
         later: list[Touch] = []
         for (message, receipt), delivery in zip(receipts, sent, strict=True):
             self._mark_sent(s, message.touch_id, receipt, delivery.loaded, later, delivery.facts)
-        store.insert_all_unless_taken(s, later, TOUCH_KEY)
+        store.insert_all_unless_taken(s, later, TOUCH_KEY, attach=False)  # none of them is changed after
 
     def _send_in(
         self, s: Session, sent: list[tuple[Message, Receipt | None]]
@@ -768,7 +768,7 @@ class Dispatcher:
         month = datetime(local.year, local.month, 1, tzinfo=zone)
         since = month.astimezone(UTC)
         parameters = {"enrollment_id": touch.enrollment_id, "since": since, "touch_id": touch.id}
-        spent = s.exec(_SPENT_SINCE, params=parameters).one() + unwritten
+        spent = store.select_rows(s, _SPENT_SINCE, parameters).scalar_one() + unwritten
         if spent < per_month:
             return None
         following = datetime(local.year + local.month // 12, local.month % 12 + 1, 1, tzinfo=zone)

@@ -21,7 +21,6 @@ from zoneinfo import ZoneInfo
 
 import jinja2
 import sqlalchemy as sa
-from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, SQLModel, col, select
 
@@ -276,7 +275,7 @@ def _schema() -> sqlite3.Connection:
 #: The simulation's own queries, made once: the earliest block to run out, and the next touch due with it.
 _BLOCK_ENDS = select(sa.func.min(Block.until)).where(col(Block.ended_seen_at).is_(None))
 _NEXT_DUE = (
-    select(Touch, _BLOCK_ENDS.scalar_subquery())
+    select(Touch.id, Touch.due_at, _BLOCK_ENDS.scalar_subquery())
     .where(Touch.status == TouchStatus.planned)
     .order_by(col(Touch.due_at), col(Touch.id))
     .limit(1)
@@ -335,21 +334,22 @@ def run(
         timeline = _Timeline(db, zone)
         for _ in range(MAX_STEPS):
             with store.session(db) as s:
-                found = s.exec(_NEXT_DUE).first()
-                touch, block_ends = found if found is not None else (None, s.exec(_BLOCK_ENDS).one())
-                due = touch.due_at if touch is not None else None
+                found = store.select_rows(s, _NEXT_DUE, {}).first()
+                if found is not None:
+                    touch_id, due, block_ends = found
+                else:
+                    touch_id, due = 0, None
+                    block_ends = store.select_rows(s, _BLOCK_ENDS, {}).scalar()
                 if block_ends is not None and (block_ends > end or (due is not None and block_ends > due)):
                     block_ends = None  # none runs out before the next touch, within the span
                 outcome_first = (
                     bool(pending) and (due is None or pending[0][0] <= due) and pending[0][0] <= end
                 )
-                if touch is not None and touch.due_at <= end and block_ends is None and not outcome_first:
+                if due is not None and due <= end and block_ends is None and not outcome_first:
                     # Claimed as the scheduler claims it, then dispatched: the dry channels deliver to the
                     # database, so the checks, the send and the record are this one transaction.
-                    touch_id = touch.id or 0
                     s.connection().execute(_QUEUE, {"touch_id": touch_id})
-                    set_committed_value(touch, "status", TouchStatus.queued)
-                    clock.set(max(touch.due_at, clock()))
+                    clock.set(max(due, clock()))
                     result, _ = dispatcher.dispatch_in(s, touch_id)
                     timeline.touched(s, touch_id, result.reason, clock())
                     continue

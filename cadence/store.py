@@ -108,10 +108,16 @@ def insert_unless_taken(s: Session, row: SQLModel) -> bool:
     return bool(insert_all_unless_taken(s, [row], key=()))
 
 
-def insert_all_unless_taken(s: Session, rows: Sequence[M], key: tuple[str, ...]) -> list[M]:
-    """`insert_unless_taken` for many rows of one table, in one statement; the rows inserted, attached with
-    their ids. A row whose unique `key` is taken, by a row in the table or one before it in `rows`, is left
-    out (and nothing of it written). With no `key`, `rows` is one row, and any unique key of it counts."""
+def insert_all_unless_taken(
+    s: Session, rows: Sequence[M], key: tuple[str, ...], *, attach: bool = True
+) -> list[M]:
+    """`insert_unless_taken` for many rows of one table, in one statement; the rows inserted, given their
+    ids, and attached to the session as if read unless `attach` is False. A row whose unique `key` is taken,
+    by a row in the table or one before it in `rows`, is left out (and nothing of it written). With no
+    `key`, `rows` is one row, and any unique key of it counts.
+
+    Attaching a row costs about as much as inserting it. A caller that will not change the rows it inserts
+    leaves them out of the session: a later query in the transaction reads them as it reads any row."""
     unique: dict[tuple[Any, ...], M] = {}
     for row in rows:
         unique.setdefault(tuple(getattr(row, name) for name in key), row)
@@ -125,11 +131,24 @@ def insert_all_unless_taken(s: Session, rows: Sequence[M], key: tuple[str, ...])
     inserted = []
     for new_id, *found in connection.execute(statement, values):
         row = unique[tuple(found)]
-        row.id = new_id
-        make_transient_to_detached(row)
-        s.add(row)
+        if attach:
+            row.id = new_id
+            make_transient_to_detached(row)
+            s.add(row)
+        else:
+            row.__dict__["id"] = new_id  # as `new_row` fills a row: its state, not a change to flush
         inserted.append(row)
     return inserted
+
+
+def select_rows(
+    s: Session, statement: sa.Executable, params: dict[str, Any]
+) -> sa.CursorResult[*tuple[Any, ...]]:
+    """The rows of a query of columns, not of whole ORM rows, run in `s`'s transaction as SQLAlchemy's Core
+    runs it: a third cheaper than the session's `exec`, which readies ORM loading the query has no use for.
+    The session's changes are flushed first, as its own `exec` does, so the query sees them."""
+    s.flush()
+    return s.connection().execute(statement, params)
 
 
 def _values(row: SQLModel, names: list[str]) -> dict[str, Any]:

@@ -183,7 +183,7 @@ class CallTasks(Channel):
     def send_all_in(self, s: Session, messages: Sequence[Message]) -> list[Receipt]:
         """The messages' call tasks, made by one statement; a touch sent before keeps the task it has."""
         tasks = [self._task(message) for message in messages]
-        store.insert_all_unless_taken(s, tasks, ("touch_id",))
+        store.insert_all_unless_taken(s, tasks, ("touch_id",), attach=False)
         ids = {task.touch_id: task.id or 0 for task in tasks if task.id is not None}
         if missing := [task.touch_id for task in tasks if task.id is None]:
             found = s.exec(select(CallTask.touch_id, CallTask.id).where(col(CallTask.touch_id).in_(missing)))

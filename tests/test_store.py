@@ -118,3 +118,51 @@ def test_a_batchs_insert_on_postgresql_is_converted_by_psycopg_once(postgres_url
             assert len(s.exec(select(Contact)).all()) == 64
     finally:
         db.dispose()
+
+
+def _enrollment(s: Any) -> Enrollment:
+    contact = Contact(source="t", external_id="1", created_at=NOW, updated_at=NOW)
+    version = CadenceVersion(name="c", content_hash="x", yaml_text="", file="c.yaml", created_at=NOW)
+    s.add_all([contact, version])
+    s.flush()
+    enrollment = Enrollment(
+        cadence_name="c",
+        cadence_version_id=version.id or 0,
+        subject="contact:1",
+        contact_id=contact.id or 0,
+        started_at=NOW,
+    )
+    s.add(enrollment)
+    s.flush()
+    return enrollment
+
+
+def test_rows_inserted_unattached_get_their_ids_and_stay_out_of_the_session(db: sa.Engine) -> None:
+    with store.session(db) as s:
+        enrollment = _enrollment(s)
+        rows = [
+            store.new_row(Touch, **{**TOUCH, "enrollment_id": enrollment.id, "step_index": n}) for n in (1, 2)
+        ]
+        taken = store.new_row(Touch, **{**TOUCH, "enrollment_id": enrollment.id, "step_index": 1})
+        inserted = store.insert_all_unless_taken(
+            s, [*rows, taken], ("enrollment_id", "step_index", "iteration"), attach=False
+        )
+        assert inserted == rows and taken.id is None
+        assert all(row.id and row not in s for row in rows)
+        assert not s.dirty and not s.new
+        # Read in the same transaction, each is a row of the session like any other, with its id.
+        read = s.exec(select(Touch).order_by(Touch.step_index)).all()  # type: ignore[arg-type]
+        assert [(row.id, row.step_index) for row in read] == [(row.id, row.step_index) for row in rows]
+        assert all(row in s for row in read) and read[0] is not rows[0]
+
+
+def test_a_query_of_columns_sees_the_sessions_changes(db: sa.Engine) -> None:
+    """`select_rows` flushes first, as the session's own queries do."""
+    with store.session(db) as s:
+        enrollment = _enrollment(s)
+        touch = store.new_row(Touch, **{**TOUCH, "enrollment_id": enrollment.id})
+        assert store.insert_unless_taken(s, touch)
+        touch.status = TouchStatus.held  # not flushed yet
+        statuses = select(Touch.id, Touch.status)
+        assert list(store.select_rows(s, statuses, {})) == [(touch.id, TouchStatus.held)]
+        assert not s.dirty
