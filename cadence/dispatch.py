@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 
 import jinja2
 import sqlalchemy as sa
-from sqlalchemy.orm.attributes import flag_modified, set_committed_value
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col, select
 
 from cadence import outbound, sandbox, store, timing
@@ -395,10 +395,10 @@ class Dispatcher:
                     if cleared is not None:  # counted by the caps of the contact's touches after it
                         cleared[loaded.enrollment.contact_id].append((outcome.touch_id, touch.cleared_at))
                 self._record_all(s, sent)
-                for loaded in together:
-                    if loaded.touch.id in claimed:  # the claim goes with the touch's one UPDATE
-                        for name in _CLAIM_FIELDS:
-                            flag_modified(loaded.touch, name)
+                # The claim goes with each touch's one UPDATE.
+                store.update_all(
+                    s, [loaded.touch for loaded in together if loaded.touch.id in claimed], _CLAIM_FIELDS
+                )
         except BaseException:
             batch.results.clear()  # rolled back: none of it happened
             raise

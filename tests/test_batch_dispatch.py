@@ -148,7 +148,7 @@ def test_a_batch_takes_one_transaction_whatever_its_size(harness: Harness) -> No
         if statement.startswith("UPDATE touch"):
             # The touch's id is the WHERE's parameter: the last one on SQLite, named on PostgreSQL.
             rows = parameters if many else [parameters]
-            written.extend(row["touch_id"] if isinstance(row, dict) else row[-1] for row in rows)
+            written.extend(row["row_id"] if isinstance(row, dict) else row[-1] for row in rows)
 
     sa.event.listen(harness.service.db, "commit", lambda _c: commits.append(1))
     sa.event.listen(harness.service.db, "before_cursor_execute", executes)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import SQLModel, select
 
 from cadence import store
@@ -166,3 +167,51 @@ def test_a_query_of_columns_sees_the_sessions_changes(db: sa.Engine) -> None:
         statuses = select(Touch.id, Touch.status)
         assert list(store.select_rows(s, statuses, {})) == [(touch.id, TouchStatus.held)]
         assert not s.dirty
+
+
+def test_rows_changes_are_written_one_update_a_set_of_columns(db: sa.Engine) -> None:
+    """`update_all` writes each row's changes, and the columns noted as written without being written, by
+    one UPDATE for each set of columns; the rows leave the session, whose other changes its flush writes."""
+    with store.session(db) as s:
+        enrollment = _enrollment(s)
+        rows = [
+            store.new_row(Touch, **{**TOUCH, "enrollment_id": enrollment.id, "step_index": n})
+            for n in range(4)
+        ]
+        store.insert_all_unless_taken(s, rows, ("enrollment_id", "step_index", "iteration"))
+        ids = [row.id for row in rows]
+    updates: list[tuple[str, int]] = []
+
+    def executes(_c: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, many: bool) -> None:
+        if statement.startswith("UPDATE"):
+            updates.append((statement.split(" SET ")[1].split(" WHERE")[0], len(parameters) if many else 1))
+
+    sa.event.listen(db, "before_cursor_execute", executes)
+    try:
+        with store.session(db) as s:
+            touches = s.exec(select(Touch).order_by(Touch.step_index)).all()  # type: ignore[arg-type]
+            for touch in touches[:3]:
+                touch.status = TouchStatus.sent
+                touch.receipt = {"reference": f"r{touch.id}"}
+            touches[2].status_reason = "and a reason"
+            for touch in touches[:2]:
+                set_committed_value(touch, "attempts", 7)  # noted as written, not written
+            touches[3].reason = "changed, and left to the session"
+            store.update_all(s, touches[:3], ("attempts",))
+            assert all(touch not in s for touch in touches[:3]) and touches[3] in s
+    finally:
+        sa.event.remove(db, "before_cursor_execute", executes)
+    assert sorted(updates) == [
+        ("reason=?", 1),  # by the session's flush
+        ("status=?, attempts=?, receipt=?", 2),
+        ("status=?, status_reason=?, attempts=?, receipt=?", 1),
+    ]
+    with store.session(db) as s:
+        read = {t.id: t for t in s.exec(select(Touch)).all()}
+    assert [read[i].status for i in ids] == [TouchStatus.sent] * 3 + [TouchStatus.planned]
+    assert [read[i].receipt for i in ids[:3]] == [{"reference": f"r{i}"} for i in ids[:3]]
+    assert [read[i].attempts for i in ids] == [7, 7, 0, 0]
+    assert (read[ids[2]].status_reason, read[ids[3]].reason) == (
+        "and a reason",
+        "changed, and left to the session",
+    )
