@@ -351,7 +351,8 @@ def run(
                     s.connection().execute(_QUEUE, {"touch_id": touch_id})
                     clock.set(max(due, clock()))
                     result, _ = dispatcher.dispatch_in(s, touch_id)
-                    timeline.touched(s, touch_id, result.reason, clock())
+                    touched = timeline.touched(s, touch_id, result.reason, clock())
+                    store.update_all(s, [touched])  # written as a batch writes its touches
                     continue
             if block_ends is not None:
                 clock.set(max(block_ends, clock()))
@@ -393,8 +394,9 @@ class _Timeline:
     def _local(self, at: datetime) -> datetime:
         return at.astimezone(self.zone)
 
-    def touched(self, s: Session, touch_id: int, reason: str | None, now: datetime) -> None:
-        """Record touch `touch_id` as dispatching it at `now` left it (deferred for `reason`, or done)."""
+    def touched(self, s: Session, touch_id: int, reason: str | None, now: datetime) -> Touch:
+        """Record touch `touch_id` as dispatching it at `now` left it (deferred for `reason`, or done); the
+        touch."""
         touch = s.get_one(Touch, touch_id)  # in the session already, as the dispatch left it
         event = self._touches.get(touch_id)
         if event is None:
@@ -414,6 +416,7 @@ class _Timeline:
         if touch.status == TouchStatus.planned:
             event.deferrals.append(f"{self._local(now):%Y-%m-%d %H:%M}: {reason}")
             event.note = f"{reason}, to {self._local(touch.due_at):%Y-%m-%d %H:%M}"
+        return touch
 
     def outcome(self, engine: Engine, now: datetime, scripted: Scripted) -> None:
         """Record the outcome on the latest touch that went out, or on the latest enrollment."""
