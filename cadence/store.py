@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
@@ -38,8 +39,9 @@ def create_engine(url: str) -> sa.Engine:
     return sa.create_engine(url, pool_pre_ping=True)
 
 
-#: The longest statement, and the most parameters, psycopg keeps converted: a batch's multi-row INSERT of
-#: 32 touches or call tasks has several hundred parameters and a few dozen kilobytes of SQL.
+#: The longest statement, and the most parameters, psycopg keeps converted: a multi-row INSERT of 32 rows
+#: (of a table without a key to insert by arrays, see `_insert_by_arrays`) has several hundred parameters
+#: and a few dozen kilobytes of SQL.
 PSYCOPG_CACHED_STATEMENT_BYTES = 128 * 1024
 PSYCOPG_CACHED_STATEMENT_PARAMS = 4096
 
@@ -125,11 +127,19 @@ def insert_all_unless_taken(
         return []
     table: sa.Table = rows[0].__table__  # type: ignore[attr-defined]
     names = [column.name for column in table.columns if column.name != "id"]
-    values = [_values(row, names) for row in unique.values()]
     connection = s.connection()
-    statement = _insert_returning_key(connection.dialect.name, table, key)
+    by_arrays = _insert_by_arrays(connection.dialect, table, key)
+    if by_arrays is not None:
+        sql, processors = by_arrays
+        arrays = [[row.__dict__[name] for row in unique.values()] for name in names]
+        for index, process in processors:
+            arrays[index] = [process(value) for value in arrays[index]]
+        returned: Any = connection.exec_driver_sql(sql, tuple(arrays))
+    else:
+        values = [_values(row, names) for row in unique.values()]
+        returned = connection.execute(_insert_returning_key(connection.dialect.name, table, key), values)
     inserted = []
-    for new_id, *found in connection.execute(statement, values):
+    for new_id, *found in returned:
         row = unique[tuple(found)]
         if attach:
             row.id = new_id
@@ -191,6 +201,38 @@ def _values(row: SQLModel, names: list[str]) -> dict[str, Any]:
     has them all) rather than through the ORM's attribute access."""
     state = row.__dict__
     return {name: state[name] if name in state else getattr(row, name) for name in names}
+
+
+@cache
+def _insert_by_arrays(
+    dialect: sa.Dialect, table: sa.Table, key: tuple[str, ...]
+) -> tuple[str, list[tuple[int, Any]]] | None:
+    """On PostgreSQL, the multi-row INSERT of `_insert_returning_key` as one row of arrays a column, which
+    `unnest` turns into rows: a dozen parameters, not a dozen a row, each converted by psycopg in C. The SQL,
+    and each column's conversion by its type (its position among the columns but the id, and the function).
+    None elsewhere, and for a key whose returned values would need converting back to compare."""
+    if dialect.name != "postgresql" or not key:
+        return None
+    if not all(isinstance(table.c[name].type, sa.Integer | sa.String) for name in key):
+        return None
+    columns = [column for column in table.columns if column.name != "id"]
+    quote = dialect.identifier_preparer.quote
+    arrays = ", ".join(f"%s::{column.type.compile(dialect=dialect)}[]" for column in columns)
+    sql = (
+        f"INSERT INTO {quote(table.name)} ({', '.join(quote(column.name) for column in columns)}) "
+        f"SELECT * FROM unnest({arrays}) ON CONFLICT DO NOTHING "
+        f"RETURNING {quote('id')}, {', '.join(quote(name) for name in key)}"
+    )
+    processors = [(index, _to_array_value(column.type, dialect)) for index, column in enumerate(columns)]
+    return sql, [(index, process) for index, process in processors if process is not None]
+
+
+def _to_array_value(kind: sa.types.TypeEngine[Any], dialect: sa.Dialect) -> Any:
+    """What a value of a column of type `kind` becomes in its array: as its type binds it, but JSON, which
+    psycopg adapts only as a whole parameter, as its text (None as JSON's null, as SQLAlchemy writes it)."""
+    if isinstance(kind, sa.JSON):
+        return json.dumps
+    return kind.bind_processor(dialect)
 
 
 @cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
@@ -215,3 +216,51 @@ def test_rows_changes_are_written_one_update_a_set_of_columns(db: sa.Engine) -> 
         "and a reason",
         "changed, and left to the session",
     )
+
+
+def test_a_batchs_insert_on_postgresql_sends_one_array_a_column(postgres_url: str) -> None:
+    """On PostgreSQL the rows go as one array a column, which `unnest` makes rows of: what is read back is
+    what was given, NULLs, times and JSON included, and a taken key is left out as on any database."""
+    db = store.create_engine(postgres_url)
+    inserts: list[Any] = []
+
+    def executes(_c: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
+        if statement.startswith("INSERT INTO touch"):
+            inserts.append(parameters)
+
+    try:
+        store.migrate(db)
+        with store.session(db) as s:
+            enrollment = _enrollment(s)
+        sa.event.listen(db, "before_cursor_execute", executes)
+        given = [
+            {
+                **TOUCH,
+                "enrollment_id": enrollment.id,
+                "step_index": 1,
+                "receipt": {"reference": "r", "n": [1]},
+            },
+            {
+                **TOUCH,
+                "enrollment_id": enrollment.id,
+                "step_index": 2,
+                "variant": "b",
+                "queued_at": datetime(2026, 11, 23, 12, 0, tzinfo=ZoneInfo("Europe/Moscow")),
+                "status_reason": "Ünïcode, 'quotes' and {braces}",
+            },
+        ]
+        with store.session(db) as s:
+            rows = [store.new_row(Touch, **values) for values in given]
+            taken = store.new_row(Touch, **given[0])
+            key = ("enrollment_id", "step_index", "iteration")
+            assert store.insert_all_unless_taken(s, rows, key, attach=False) == rows
+            assert store.insert_all_unless_taken(s, [taken], key) == []
+        columns = len(Touch.__table__.columns) - 1  # type: ignore[attr-defined]
+        assert [len(parameters) for parameters in inserts] == [columns, columns]
+        with store.session(db) as s:
+            read = s.exec(select(Touch).order_by(Touch.step_index)).all()  # type: ignore[arg-type]
+        assert [row.id for row in read] == [row.id for row in rows]
+        assert [_columns(row) for row in read] == [_columns(row) for row in rows]
+        assert read[1].queued_at == datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
+    finally:
+        db.dispose()
