@@ -15,6 +15,7 @@ from alembic.config import Config
 from pydantic_core import PydanticUndefined
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import make_transient_to_detached
+from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import Session, SQLModel
 
 from cadence import models  # noqa: F401  (registers the tables on SQLModel.metadata)
@@ -49,8 +50,9 @@ PSYCOPG_CACHED_STATEMENT_PARAMS = 4096
 def _cache_long_statements() -> None:
     """psycopg turns a statement's named parameters into PostgreSQL's numbered ones in Python, and caches
     the result only for statements of at most 4 KB and 50 parameters (its module's limits, which it reads
-    at each call). A batch's multi-row INSERTs are longer, so each was converted anew: a sixth of a worker's
-    time on PostgreSQL. Raised to cover them; the cache stays one of 128 statements."""
+    at each call). A multi-row INSERT is longer, so each was converted anew: a sixth of a worker's time on
+    PostgreSQL when a batch's touches went that way (they go as arrays now, see `_insert_by_arrays`, but a
+    table inserted without a key still does). Raised to cover them; the cache stays one of 128 statements."""
     try:
         from psycopg import _queries
     except ImportError:  # another driver
@@ -159,6 +161,7 @@ def update_all(s: Session, rows: Sequence[SQLModel], also: tuple[str, ...] = ())
 
     The session's own flush does the same, but readies every row's whole history and every column for it:
     for a batch of touches, about as much as the rest of the commit."""
+    rows = list({id(row): row for row in rows}.values())  # each once
     if not rows:
         return
     table: sa.Table = rows[0].__table__  # type: ignore[attr-defined]
@@ -170,8 +173,12 @@ def update_all(s: Session, rows: Sequence[SQLModel], also: tuple[str, ...] = ())
         changes.setdefault(names, []).append({"row_id": held["id"], **{f"new_{n}": held[n] for n in names}})
     connection = s.connection()
     for names, parameters in changes.items():
-        if names:
-            connection.execute(_update_by_id(table, names), parameters)
+        if not names:
+            continue
+        updated = connection.execute(_update_by_id(table, names), parameters).rowcount
+        if updated != len(parameters) and connection.dialect.supports_sane_multi_rowcount:
+            # As the session's flush would: a row deleted meanwhile is not quietly left unwritten.
+            raise StaleDataError(f"{table.name}: UPDATE of {len(parameters)} rows matched {updated}")
     for row in rows:
         s.expunge(row)
 
@@ -210,14 +217,16 @@ def _insert_by_arrays(
     """On PostgreSQL, the multi-row INSERT of `_insert_returning_key` as one row of arrays a column, which
     `unnest` turns into rows: a dozen parameters, not a dozen a row, each converted by psycopg in C. The SQL,
     and each column's conversion by its type (its position among the columns but the id, and the function).
-    None elsewhere, and for a key whose returned values would need converting back to compare."""
+    None elsewhere, and for a key whose returned values might need converting back to compare: only a key
+    of types that say they hold integers or strings takes this way (the touches' and the call tasks' do;
+    SQLModel's own string type says nothing, so a key of it takes the usual way)."""
     if dialect.name != "postgresql" or not key:
         return None
-    if not all(isinstance(table.c[name].type, sa.Integer | sa.String) for name in key):
+    if not all(table.c[name].type.python_type in (int, str) for name in key):
         return None
     columns = [column for column in table.columns if column.name != "id"]
     quote = dialect.identifier_preparer.quote
-    arrays = ", ".join(f"%s::{column.type.compile(dialect=dialect)}[]" for column in columns)
+    arrays = ", ".join(f"%s::{_array_type(column.type, dialect)}[]" for column in columns)
     sql = (
         f"INSERT INTO {quote(table.name)} ({', '.join(quote(column.name) for column in columns)}) "
         f"SELECT * FROM unnest({arrays}) ON CONFLICT DO NOTHING "
@@ -225,6 +234,13 @@ def _insert_by_arrays(
     )
     processors = [(index, _to_array_value(column.type, dialect)) for index, column in enumerate(columns)]
     return sql, [(index, process) for index, process in processors if process is not None]
+
+
+def _array_type(kind: sa.types.TypeEngine[Any], dialect: sa.Dialect) -> str:
+    """The type of a column's array: its own, but text for text of a bounded length, which an explicit cast
+    would cut short where the INSERT into the column refuses a value too long, as it does for any INSERT."""
+    name = kind.compile(dialect=dialect)
+    return "TEXT" if name.startswith("VARCHAR") else name
 
 
 def _to_array_value(kind: sa.types.TypeEngine[Any], dialect: sa.Dialect) -> Any:

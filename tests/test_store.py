@@ -10,6 +10,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import SQLModel, select
 
 from cadence import store
@@ -264,3 +265,42 @@ def test_a_batchs_insert_on_postgresql_sends_one_array_a_column(postgres_url: st
         assert read[1].queued_at == datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
     finally:
         db.dispose()
+
+
+def test_a_value_too_long_is_refused_by_the_array_insert_as_by_any(postgres_url: str) -> None:
+    db = store.create_engine(postgres_url)
+    try:
+        store.migrate(db)
+        with store.session(db) as s:
+            enrollment = _enrollment(s)
+        too_long = store.new_row(Touch, **{**TOUCH, "enrollment_id": enrollment.id, "channel": "e" * 17})
+        with pytest.raises(sa.exc.DataError, match="too long"), store.session(db) as s:
+            store.insert_all_unless_taken(s, [too_long], ("enrollment_id", "step_index", "iteration"))
+        with store.session(db) as s:
+            assert s.exec(select(Touch)).all() == []
+    finally:
+        db.dispose()
+
+
+def test_writing_a_row_gone_meanwhile_raises_and_a_row_given_twice_is_written_once(db: sa.Engine) -> None:
+    with store.session(db) as s:
+        enrollment = _enrollment(s)
+        rows = [
+            store.new_row(Touch, **{**TOUCH, "enrollment_id": enrollment.id, "step_index": n})
+            for n in range(2)
+        ]
+        store.insert_all_unless_taken(s, rows, ("enrollment_id", "step_index", "iteration"))
+    with store.session(db) as s:
+        first, second = s.exec(select(Touch).order_by(Touch.step_index)).all()  # type: ignore[arg-type]
+        first.status = TouchStatus.sent
+        store.update_all(s, [first, first])
+    with pytest.raises(StaleDataError, match="touch: UPDATE of 1 rows matched 0"), store.session(db) as s:
+        second = s.get_one(Touch, second.id)
+        second.status = TouchStatus.sent
+        s.connection().execute(sa.delete(Touch).where(Touch.id == second.id))  # type: ignore[arg-type]
+        store.update_all(s, [second])
+    with store.session(db) as s:
+        assert [t.status for t in s.exec(select(Touch).order_by(Touch.step_index))] == [  # type: ignore[arg-type]
+            TouchStatus.sent,
+            TouchStatus.planned,
+        ]
