@@ -129,16 +129,16 @@ def insert_all_unless_taken(
         return []
     table: sa.Table = rows[0].__table__  # type: ignore[attr-defined]
     names = [column.name for column in table.columns if column.name != "id"]
+    values = [_values(row, names) for row in unique.values()]
     connection = s.connection()
     by_arrays = _insert_by_arrays(connection.dialect, table, key)
     if by_arrays is not None:
         sql, processors = by_arrays
-        arrays = [[row.__dict__[name] for row in unique.values()] for name in names]
+        arrays = [[row[name] for row in values] for name in names]
         for index, process in processors:
             arrays[index] = [process(value) for value in arrays[index]]
         returned: Any = connection.exec_driver_sql(sql, tuple(arrays))
     else:
-        values = [_values(row, names) for row in unique.values()]
         returned = connection.execute(_insert_returning_key(connection.dialect.name, table, key), values)
     inserted = []
     for new_id, *found in returned:
