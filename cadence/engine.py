@@ -166,6 +166,13 @@ def touch_view(touch: Touch) -> dict[str, Any]:
     }
 
 
+def _deal_of(s: Session, enrollment: Enrollment, held: Deal | None) -> Deal | None:
+    """The enrollment's deal: `held`, when the caller has it, else found in `s` (None without one)."""
+    if held is None and enrollment.deal_id:
+        return s.get(Deal, enrollment.deal_id)
+    return held
+
+
 def stable_fraction(*parts: object) -> float:
     """A number in [0, 1) fixed by `parts`: the same touch always draws the same variant, on any machine."""
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
@@ -697,8 +704,7 @@ class Engine:
         """(why the enrollment should end, the cadence it moves to) — (None, None) while it should go on.
         `deal` is the enrollment's, when the caller holds it."""
         spec = self.spec_of(s, enrollment)
-        if deal is None and enrollment.deal_id:
-            deal = s.get(Deal, enrollment.deal_id)
+        deal = _deal_of(s, enrollment, deal)
         if deal is not None and deal.status in ("won", "lost"):
             target = spec.then.targets().get(deal.status)
             if target is not None:
@@ -715,8 +721,7 @@ class Engine:
         """What conditions and templates see of the enrollment; `contact` and `deal` are its rows, when the
         caller holds them (else they are found in `s`)."""
         contact = contact or s.get_one(Contact, enrollment.contact_id)
-        if deal is None and enrollment.deal_id:
-            deal = s.get(Deal, enrollment.deal_id)
+        deal = _deal_of(s, enrollment, deal)
         return {
             "contact": contact_view(contact),
             "deal": deal_view(deal),
