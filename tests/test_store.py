@@ -57,21 +57,26 @@ def test_defaults_made_by_a_factory_are_made_for_each_row() -> None:
     assert second.receipt == {}
 
 
+def _enrollment(s: Any) -> Enrollment:
+    contact = Contact(source="t", external_id="1", created_at=NOW, updated_at=NOW)
+    version = CadenceVersion(name="c", content_hash="x", yaml_text="", file="c.yaml", created_at=NOW)
+    s.add_all([contact, version])
+    s.flush()
+    enrollment = Enrollment(
+        cadence_name="c",
+        cadence_version_id=version.id or 0,
+        subject="contact:1",
+        contact_id=contact.id or 0,
+        started_at=NOW,
+    )
+    s.add(enrollment)
+    s.flush()
+    return enrollment
+
+
 def test_a_new_row_is_written_read_back_and_its_changes_saved(db: sa.Engine) -> None:
     with store.session(db) as s:
-        contact = Contact(source="t", external_id="1", created_at=NOW, updated_at=NOW)
-        version = CadenceVersion(name="c", content_hash="x", yaml_text="", file="c.yaml", created_at=NOW)
-        s.add_all([contact, version])
-        s.flush()
-        enrollment = Enrollment(
-            cadence_name="c",
-            cadence_version_id=version.id or 0,
-            subject="contact:1",
-            contact_id=contact.id or 0,
-            started_at=NOW,
-        )
-        s.add(enrollment)
-        s.flush()
+        enrollment = _enrollment(s)
         touch = store.new_row(Touch, **{**TOUCH, "enrollment_id": enrollment.id})
         assert store.insert_unless_taken(s, touch)
         assert not store.insert_unless_taken(
@@ -121,23 +126,6 @@ def test_a_batchs_insert_on_postgresql_is_converted_by_psycopg_once(postgres_url
             assert len(s.exec(select(Contact)).all()) == 64
     finally:
         db.dispose()
-
-
-def _enrollment(s: Any) -> Enrollment:
-    contact = Contact(source="t", external_id="1", created_at=NOW, updated_at=NOW)
-    version = CadenceVersion(name="c", content_hash="x", yaml_text="", file="c.yaml", created_at=NOW)
-    s.add_all([contact, version])
-    s.flush()
-    enrollment = Enrollment(
-        cadence_name="c",
-        cadence_version_id=version.id or 0,
-        subject="contact:1",
-        contact_id=contact.id or 0,
-        started_at=NOW,
-    )
-    s.add(enrollment)
-    s.flush()
-    return enrollment
 
 
 def test_rows_inserted_unattached_get_their_ids_and_stay_out_of_the_session(db: sa.Engine) -> None:
