@@ -60,37 +60,45 @@ class _Loaded(NamedTuple):
     enrollment: Enrollment
     contact: Contact
     deal: Deal | None
-    version: CadenceVersion
     #: Whether the contact has a block not lifted (it may have run out): only then are blocks looked at.
     may_be_blocked: bool
+    #: The enrollment's cadence version, read with a touch sent alone. A batch leaves it to
+    #: `Engine.spec_of`, which reads it once for the batch: in each of its rows, the version's whole text
+    #: would be sent and decoded again.
+    version: CadenceVersion | None = None
 
 
-def _load_statement(touches: Any) -> Any:
-    """The touches chosen by the condition `touches`, each with its rows; see `_load`."""
+def _load_statement(touches: Any, *, version: bool) -> Any:
+    """The touches chosen by the condition `touches`, each with its rows, and its cadence version if asked
+    for; see `_load`."""
     open_block = (
         sa.exists()
         .where(col(Block.contact_id) == col(Contact.id), col(Block.lifted_at).is_(None))
         .label("may_be_blocked")
     )
-    return (
-        select(Touch, Enrollment, Contact, Deal, CadenceVersion, open_block)  # type: ignore[call-overload]
+    query = (
+        select(Touch, Enrollment, Contact, Deal, open_block)  # type: ignore[call-overload]
         .join(Enrollment, col(Enrollment.id) == col(Touch.enrollment_id))
         .join(Contact, col(Contact.id) == col(Enrollment.contact_id))
-        .join(CadenceVersion, col(CadenceVersion.id) == col(Enrollment.cadence_version_id))
         .outerjoin(Deal, col(Deal.id) == col(Enrollment.deal_id))
         .where(touches)
     )
+    if version:
+        query = query.add_columns(CadenceVersion).join(
+            CadenceVersion, col(CadenceVersion.id) == col(Enrollment.cadence_version_id)
+        )
+    return query
 
 
 #: Made once, as building a statement costs about as much as running it: without a lock, and holding the
 #: contact's row; for one touch, and for several.
-_LOAD = _load_statement(col(Touch.id) == sa.bindparam("touch_id"))
+_LOAD = _load_statement(col(Touch.id) == sa.bindparam("touch_id"), version=True)
 _LOAD_LOCKING_CONTACT = _LOAD.with_for_update(of=Contact)
 # In the contacts' order, so two batches that share contacts lock them in the same order (PostgreSQL locks
 # rows as the sort gives them) and one waits for the other instead of both deadlocking.
-_LOAD_MANY = _load_statement(col(Touch.id).in_(sa.bindparam("touch_ids", expanding=True))).order_by(
-    col(Contact.id), col(Touch.id)
-)
+_LOAD_MANY = _load_statement(
+    col(Touch.id).in_(sa.bindparam("touch_ids", expanding=True)), version=False
+).order_by(col(Contact.id), col(Touch.id))
 _LOAD_MANY_LOCKING_CONTACT = _LOAD_MANY.with_for_update(of=Contact)
 
 
@@ -108,7 +116,8 @@ def _load(s: Session, touch_id: int, *, lock_contact: bool = False) -> _Loaded:
 
 
 def _load_many(s: Session, touch_ids: Sequence[int], *, lock_contact: bool = False) -> dict[int, _Loaded]:
-    """`_load` for several touches in one query, by id; a touch that does not exist is left out."""
+    """`_load` for several touches in one query, by id, without their cadence versions; a touch that does
+    not exist is left out."""
     query = _LOAD_MANY_LOCKING_CONTACT if lock_contact else _LOAD_MANY
     rows = s.exec(query, params={"touch_ids": list(touch_ids)}).all()
     return {row[0].id: _Loaded(*row) for row in rows}

@@ -6,7 +6,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from datetime import date, time, timedelta
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -380,6 +380,13 @@ class Option(_Model):
     )
 
 
+@lru_cache(maxsize=1024)
+def _plain_option(channel: str, template: str) -> tuple[Option, ...]:
+    """A plain touch's one choice, made once for each channel and template (an option never changes):
+    planning each touch asks for it."""
+    return (Option(channel=channel, template=template),)
+
+
 class Variant(_Model):
     name: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_-]+$")] = Field(
         description="The variant's name, as reports count it, e.g. a or short-subject."
@@ -459,7 +466,7 @@ class Touchpoint(_Model):
         """The (channel, template) choices, in order; a plain touch has one."""
         if self.choose:
             return self.choose
-        return (Option(channel=self.channel or "email", template=self.template or "email/x"),)
+        return _plain_option(self.channel or "email", self.template or "email/x")
 
     def channels(self) -> set[str]:
         """Every channel this touch may go out on."""

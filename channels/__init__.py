@@ -164,9 +164,8 @@ def _write_unnamed(folder: Path, path: Path, data: bytes) -> bool:
         return False
     except OSError as exc:  # no files without a name here, or something the named way meets and reports too
         return _refused(folder, exc)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
+    try:
+        _write_all(fd, data)
         # linkat(2) follows /proc's link to the open file only when asked to, which Python does only when
         # given a folder descriptor: the file's own serves, and is ignored beside an absolute path.
         unnamed = f"/proc/self/fd/{fd}"
@@ -185,7 +184,17 @@ def _write_unnamed(folder: Path, path: Path, data: bytes) -> bool:
             return False
         except OSError as exc:
             return _refused(folder, exc)
+    finally:
+        os.close(fd)
     return True
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write the whole of `data` to `fd` with the system's own calls: no file object, whose making costs a
+    message more than its write."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _refused(folder: Path, exc: OSError) -> bool:
@@ -207,8 +216,10 @@ def _write_named(folder: Path, path: Path, data: bytes) -> None:
         tmp.unlink()
         fd = os.open(tmp, _CREATE, 0o600)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
