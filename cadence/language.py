@@ -381,7 +381,7 @@ class Option(_Model):
 
 
 @lru_cache(maxsize=1024)
-def _plain_option(channel: str, template: str) -> tuple[Option, ...]:
+def _plain_option(channel: ChannelName, template: str) -> tuple[Option, ...]:
     """A plain touch's one choice, made once for each channel and template (an option never changes):
     planning each touch asks for it."""
     return (Option(channel=channel, template=template),)

@@ -134,10 +134,9 @@ def insert_all_unless_taken(
     by_arrays = _insert_by_arrays(connection.dialect, table, key)
     if by_arrays is not None:
         sql, processors = by_arrays
-        arrays = [[row[name] for row in values] for name in names]
-        for index, process in processors:
-            arrays[index] = [process(value) for value in arrays[index]]
-        returned: Any = connection.exec_driver_sql(sql, tuple(arrays))
+        returned: Any = connection.exec_driver_sql(
+            sql, _arrays([[row[name] for row in values] for name in names], processors)
+        )
     else:
         returned = connection.execute(_insert_returning_key(connection.dialect.name, table, key), values)
     inserted = []
@@ -156,8 +155,9 @@ def insert_all_unless_taken(
 def update_all(s: Session, rows: Sequence[SQLModel], also: tuple[str, ...] = ()) -> None:
     """Write what changed in `rows` (of one table, each in `s`), and the columns `also`, which may have been
     noted as written without being written (`set_committed_value`): one UPDATE by id for each set of
-    columns changed, run with all its rows' values. The rows then leave the session, their changes written;
-    the session's other changes are left to its flush.
+    columns changed, with all its rows' values (on PostgreSQL as one array a column, see
+    `_update_by_arrays`). The rows then leave the session, their changes written; the session's other
+    changes are left to its flush.
 
     The session's own flush does the same, but readies every row's whole history and every column for it:
     for a batch of touches, about as much as the rest of the commit."""
@@ -165,22 +165,38 @@ def update_all(s: Session, rows: Sequence[SQLModel], also: tuple[str, ...] = ())
     if not rows:
         return
     table: sa.Table = rows[0].__table__  # type: ignore[attr-defined]
-    changes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    changes: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
     for row in rows:
-        state = sa.inspect(row)
-        names = tuple(sorted({*also, *state.committed_state}))
+        names = tuple(sorted({*also, *sa.inspect(row).committed_state}))
         held = row.__dict__
-        changes.setdefault(names, []).append({"row_id": held["id"], **{f"new_{n}": held[n] for n in names}})
+        changes.setdefault(names, []).append((held["id"], *(held[name] for name in names)))
     connection = s.connection()
-    for names, parameters in changes.items():
+    for names, values in changes.items():
         if not names:
             continue
-        updated = connection.execute(_update_by_id(table, names), parameters).rowcount
-        if updated != len(parameters) and connection.dialect.supports_sane_multi_rowcount:
+        updated = _update_rows(connection, table, names, values)
+        if updated is not None and updated != len(values):
             # As the session's flush would: a row deleted meanwhile is not quietly left unwritten.
-            raise StaleDataError(f"{table.name}: UPDATE of {len(parameters)} rows matched {updated}")
+            raise StaleDataError(f"{table.name}: UPDATE of {len(values)} rows matched {updated}")
     for row in rows:
         s.expunge(row)
+
+
+def _update_rows(
+    connection: sa.Connection, table: sa.Table, names: tuple[str, ...], values: list[tuple[Any, ...]]
+) -> int | None:
+    """Write the columns `names` of rows given as (id, *values): the rows matched, or None where the driver
+    cannot tell for a statement run with many rows' values."""
+    by_arrays = _update_by_arrays(connection.dialect, table, names)
+    if by_arrays is not None:
+        sql, processors = by_arrays
+        return connection.exec_driver_sql(sql, _arrays(list(zip(*values, strict=True)), processors)).rowcount
+    parameters = [
+        {"row_id": row[0], **{f"new_{name}": value for name, value in zip(names, row[1:], strict=True)}}
+        for row in values
+    ]
+    updated = connection.execute(_update_by_id(table, names), parameters).rowcount
+    return updated if len(parameters) == 1 or connection.dialect.supports_sane_multi_rowcount else None
 
 
 @cache
@@ -191,6 +207,28 @@ def _update_by_id(table: sa.Table, names: tuple[str, ...]) -> sa.Update:
         .where(table.c.id == sa.bindparam("row_id"))
         .values({name: sa.bindparam(f"new_{name}", type_=table.c[name].type) for name in names})
     )
+
+
+@cache
+def _update_by_arrays(
+    dialect: sa.Dialect, table: sa.Table, names: tuple[str, ...]
+) -> tuple[str, list[tuple[int, Any]]] | None:
+    """On PostgreSQL, `_update_by_id` for many rows as one statement: the ids and each column's values as
+    one array each, which `unnest` makes rows of to join by id. One statement instead of one a row, and a
+    parameter a column instead of one a value. The SQL, and each array's conversion (see `_insert_by_arrays`);
+    None elsewhere."""
+    if dialect.name != "postgresql":
+        return None
+    columns = [table.c.id, *(table.c[name] for name in names)]
+    quote = dialect.identifier_preparer.quote
+    arrays = ", ".join(f"%s::{_array_type(column.type, dialect)}[]" for column in columns)
+    given = ", ".join(quote(column.name) for column in columns)
+    sets = ", ".join(f"{quote(name)} = given.{quote(name)}" for name in names)
+    sql = (
+        f"UPDATE {quote(table.name)} SET {sets} FROM unnest({arrays}) AS given({given}) "
+        f"WHERE {quote(table.name)}.{quote('id')} = given.{quote('id')}"
+    )
+    return sql, _array_processors(columns, dialect)
 
 
 def select_rows(
@@ -232,8 +270,21 @@ def _insert_by_arrays(
         f"SELECT * FROM unnest({arrays}) ON CONFLICT DO NOTHING "
         f"RETURNING {quote('id')}, {', '.join(quote(name) for name in key)}"
     )
+    return sql, _array_processors(columns, dialect)
+
+
+def _array_processors(columns: Sequence[sa.Column[Any]], dialect: sa.Dialect) -> list[tuple[int, Any]]:
+    """Each column's conversion into its array, by its position among `columns`: those that need one."""
     processors = [(index, _to_array_value(column.type, dialect)) for index, column in enumerate(columns)]
-    return sql, [(index, process) for index, process in processors if process is not None]
+    return [(index, process) for index, process in processors if process is not None]
+
+
+def _arrays(columns: Sequence[Sequence[Any]], processors: list[tuple[int, Any]]) -> tuple[list[Any], ...]:
+    """The parameters of a statement of arrays: each column's values, converted as `processors` say."""
+    arrays = [list(values) for values in columns]
+    for index, process in processors:
+        arrays[index] = [process(value) for value in arrays[index]]
+    return tuple(arrays)
 
 
 def _array_type(kind: sa.types.TypeEngine[Any], dialect: sa.Dialect) -> str:

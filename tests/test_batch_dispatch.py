@@ -146,9 +146,12 @@ def test_a_batch_takes_one_transaction_whatever_its_size(harness: Harness) -> No
     def executes(_c: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, many: bool) -> None:
         seen.append(" ".join(statement.split()))
         if statement.startswith("UPDATE touch"):
-            # The touch's id is the WHERE's parameter: the last one on SQLite, named on PostgreSQL.
-            rows = parameters if many else [parameters]
-            written.extend(row["row_id"] if isinstance(row, dict) else row[-1] for row in rows)
+            # The touch's id is the WHERE's parameter, the last of each row's on SQLite; PostgreSQL's one
+            # statement has an array a column, the ids first.
+            if "unnest" in statement:
+                written.extend(parameters[0])
+            else:
+                written.extend(row[-1] for row in (parameters if many else [parameters]))
 
     sa.event.listen(harness.service.db, "commit", lambda _c: commits.append(1))
     sa.event.listen(harness.service.db, "before_cursor_execute", executes)

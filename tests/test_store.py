@@ -270,6 +270,79 @@ def test_a_value_too_long_is_refused_by_the_array_insert_as_by_any(postgres_url:
         db.dispose()
 
 
+def test_a_batchs_update_on_postgresql_sends_one_array_a_column(postgres_url: str) -> None:
+    """On PostgreSQL each set of columns is written by one UPDATE joined to arrays of the ids and values:
+    what is read back is what was given (NULLs, times in another zone, JSON, awkward text); a value too long
+    is refused and a row gone raises, as with one UPDATE a row, and nothing is written then."""
+    db = store.create_engine(postgres_url)
+    updates: list[tuple[str, Any]] = []
+
+    def executes(_c: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
+        if statement.startswith("UPDATE touch"):
+            updates.append((statement, parameters))
+
+    key = ("enrollment_id", "step_index", "iteration")
+    try:
+        store.migrate(db)
+        with store.session(db) as s:
+            enrollment = _enrollment(s)
+            rows = [
+                store.new_row(Touch, **{**TOUCH, "enrollment_id": enrollment.id, "step_index": n})
+                for n in range(4)
+            ]
+            store.insert_all_unless_taken(s, rows, key)
+        sa.event.listen(db, "before_cursor_execute", executes)
+        with store.session(db) as s:
+            touches = s.exec(select(Touch).order_by(Touch.step_index)).all()  # type: ignore[arg-type]
+            for n, touch in enumerate(touches[:3]):
+                touch.status = TouchStatus.sent
+                touch.receipt = {"reference": f"r{n}", "parts": [n, None]} if n else None
+                touch.status_reason = "Ünïcode, 'quotes', {braces} and \\back\\slashes" if n == 1 else None
+                touch.sending_at = datetime(2026, 11, 23, 12, n, tzinfo=ZoneInfo("Europe/Moscow"))
+                set_committed_value(touch, "attempts", 3 + n)  # noted as written, not written
+            touches[2].variant = "b"
+            store.update_all(s, touches[:3], ("attempts",))
+        # Two sets of columns (all set, the last row's variant too): the ids, and each column's values.
+        assert [statement.count("unnest") for statement, _ in updates] == [1, 1]
+        assert sorted((len(parameters), len(parameters[0])) for _, parameters in updates) == [(6, 2), (7, 1)]
+        with store.session(db) as s:
+            read = s.exec(select(Touch).order_by(Touch.step_index)).all()  # type: ignore[arg-type]
+        assert [t.status for t in read] == [TouchStatus.sent] * 3 + [TouchStatus.planned]
+        assert [t.receipt for t in read[:3]] == [
+            None,
+            {"reference": "r1", "parts": [1, None]},
+            {"reference": "r2", "parts": [2, None]},
+        ]
+        assert _columns(read[3]) == _columns(rows[3])  # not given: as it was
+        assert [t.status_reason for t in read[:3]] == [
+            None,
+            "Ünïcode, 'quotes', {braces} and \\back\\slashes",
+            None,
+        ]
+        assert [t.sending_at for t in read[:3]] == [
+            datetime(2026, 11, 23, 9, n, tzinfo=UTC) for n in range(3)
+        ]
+        assert [t.attempts for t in read] == [3, 4, 5, 0]
+        assert [t.variant for t in read] == [None, None, "b", None]
+
+        with pytest.raises(sa.exc.DataError, match="too long"), store.session(db) as s:
+            first, second = s.exec(select(Touch).where(Touch.step_index < 2).order_by(Touch.step_index)).all()  # type: ignore[arg-type]
+            first.status_reason, second.channel = "kept back", "e" * 17
+            store.update_all(s, [first, second])
+        with pytest.raises(StaleDataError, match="touch: UPDATE of 2 rows matched 1"), store.session(db) as s:
+            first, last = s.exec(
+                select(Touch).where(Touch.step_index.in_([0, 3])).order_by(Touch.step_index)
+            ).all()  # type: ignore[arg-type,attr-defined]
+            first.status_reason = last.status_reason = "kept back"
+            s.connection().execute(sa.delete(Touch).where(Touch.id == last.id))  # type: ignore[arg-type]
+            store.update_all(s, [first, last])
+        with store.session(db) as s:
+            after = s.exec(select(Touch).order_by(Touch.step_index)).all()  # type: ignore[arg-type]
+        assert [_columns(t) for t in after] == [_columns(t) for t in read]
+    finally:
+        db.dispose()
+
+
 def test_writing_a_row_gone_meanwhile_raises_and_a_row_given_twice_is_written_once(db: sa.Engine) -> None:
     with store.session(db) as s:
         enrollment = _enrollment(s)
