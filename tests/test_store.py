@@ -3,6 +3,7 @@ like any other."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -34,6 +35,11 @@ TASK = {
     "script": "# Call",
     "created_at": NOW,
 }
+
+
+def _ids(array: str) -> list[int]:
+    """The ids in an array of integers in PostgreSQL's text form, as a statement of arrays sends them."""
+    return [int(element.strip('"')) for element in array.strip("{}").split(",")]
 
 
 def _columns(row: SQLModel) -> dict[str, Any]:
@@ -255,6 +261,33 @@ def test_a_batchs_insert_on_postgresql_sends_one_array_a_column(postgres_url: st
         db.dispose()
 
 
+def test_arrays_in_postgresqls_text_form_read_back_as_given(postgres_url: str) -> None:
+    """What the statements of arrays send: every value of each kind reads back as it was, a text that
+    spells NULL or holds quotes, backslashes and braces included, and None as NULL."""
+    given: list[tuple[str, list[Any]]] = [
+        ("TEXT", ['say "hi"', "back\\slash", "{a,b}", "NULL", "", " spaced ", "Ünïcode", None]),
+        ("INTEGER", [0, -7, 2**31 - 1, None]),
+        ("FLOAT8", [0.1, -2.5, 1e300, float("inf"), float("-inf"), None]),
+        ("BOOLEAN", [True, False, None]),
+        ("TIMESTAMP", [datetime(2026, 11, 23, 9, 0), datetime(2026, 1, 2, 3, 4, 5, 678901), None]),
+        ("DATE", [date(2026, 11, 23), None]),
+    ]
+    db = sa.create_engine(postgres_url)
+    try:
+        with db.connect() as connection:
+            for kind, values in given:
+                literal = store._array_literal(values)
+                read = connection.exec_driver_sql(f"SELECT %s::{kind}[]", (literal,)).scalar_one()
+                assert read == values, kind
+            documents = [json.dumps({"q": 'a "quote" and \\', "n": [1, None]}), json.dumps(None), None]
+            read = connection.exec_driver_sql(
+                "SELECT %s::JSON[]", (store._array_literal(documents),)
+            ).scalar_one()
+            assert read == [{"q": 'a "quote" and \\', "n": [1, None]}, None, None]
+    finally:
+        db.dispose()
+
+
 def test_a_value_too_long_is_refused_by_the_array_insert_as_by_any(postgres_url: str) -> None:
     db = store.create_engine(postgres_url)
     try:
@@ -304,7 +337,10 @@ def test_a_batchs_update_on_postgresql_sends_one_array_a_column(postgres_url: st
             store.update_all(s, touches[:3], ("attempts",))
         # Two sets of columns (all set, the last row's variant too): the ids, and each column's values.
         assert [statement.count("unnest") for statement, _ in updates] == [1, 1]
-        assert sorted((len(parameters), len(parameters[0])) for _, parameters in updates) == [(6, 2), (7, 1)]
+        assert sorted((len(parameters), _ids(parameters[0])) for _, parameters in updates) == [
+            (6, [touches[0].id, touches[1].id]),
+            (7, [touches[2].id]),
+        ]
         with store.session(db) as s:
             read = s.exec(select(Touch).order_by(Touch.step_index)).all()  # type: ignore[arg-type]
         assert [t.status for t in read] == [TouchStatus.sent] * 3 + [TouchStatus.planned]
