@@ -15,7 +15,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import SQLModel, select
 
 from cadence import store
-from cadence.models import CadenceVersion, CallTask, Contact, Enrollment, Touch, TouchStatus
+from cadence.models import TOUCH_KEY, CadenceVersion, CallTask, Contact, Enrollment, Touch, TouchStatus
 
 NOW = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 TOUCH = {
@@ -80,6 +80,17 @@ def _enrollment(s: Any) -> Enrollment:
     return enrollment
 
 
+def _stored_touches(s: Any, count: int) -> list[Touch]:
+    """An enrollment's touches of steps 0 to `count` - 1, inserted and attached."""
+    enrollment = _enrollment(s)
+    rows = [
+        store.new_row(Touch, **{**TOUCH, "enrollment_id": enrollment.id, "step_index": n})
+        for n in range(count)
+    ]
+    store.insert_all_unless_taken(s, rows, TOUCH_KEY)
+    return rows
+
+
 def test_a_new_row_is_written_read_back_and_its_changes_saved(db: sa.Engine) -> None:
     with store.session(db) as s:
         enrollment = _enrollment(s)
@@ -141,9 +152,7 @@ def test_rows_inserted_unattached_get_their_ids_and_stay_out_of_the_session(db: 
             store.new_row(Touch, **{**TOUCH, "enrollment_id": enrollment.id, "step_index": n}) for n in (1, 2)
         ]
         taken = store.new_row(Touch, **{**TOUCH, "enrollment_id": enrollment.id, "step_index": 1})
-        inserted = store.insert_all_unless_taken(
-            s, [*rows, taken], ("enrollment_id", "step_index", "iteration"), attach=False
-        )
+        inserted = store.insert_all_unless_taken(s, [*rows, taken], TOUCH_KEY, attach=False)
         assert inserted == rows and taken.id is None
         assert all(row.id and row not in s for row in rows)
         assert not s.dirty and not s.new
@@ -169,12 +178,7 @@ def test_rows_changes_are_written_one_update_a_set_of_columns(db: sa.Engine) -> 
     """`update_all` writes each row's changes, and the columns noted as written without being written, by
     one UPDATE for each set of columns; the rows leave the session, whose other changes its flush writes."""
     with store.session(db) as s:
-        enrollment = _enrollment(s)
-        rows = [
-            store.new_row(Touch, **{**TOUCH, "enrollment_id": enrollment.id, "step_index": n})
-            for n in range(4)
-        ]
-        store.insert_all_unless_taken(s, rows, ("enrollment_id", "step_index", "iteration"))
+        rows = _stored_touches(s, 4)
         ids = [row.id for row in rows]
     updates: list[tuple[str, int]] = []
 
@@ -247,9 +251,8 @@ def test_a_batchs_insert_on_postgresql_sends_one_array_a_column(postgres_url: st
         with store.session(db) as s:
             rows = [store.new_row(Touch, **values) for values in given]
             taken = store.new_row(Touch, **given[0])
-            key = ("enrollment_id", "step_index", "iteration")
-            assert store.insert_all_unless_taken(s, rows, key, attach=False) == rows
-            assert store.insert_all_unless_taken(s, [taken], key) == []
+            assert store.insert_all_unless_taken(s, rows, TOUCH_KEY, attach=False) == rows
+            assert store.insert_all_unless_taken(s, [taken], TOUCH_KEY) == []
         columns = len(Touch.__table__.columns) - 1  # type: ignore[attr-defined]
         assert [len(parameters) for parameters in inserts] == [columns, columns]
         with store.session(db) as s:
@@ -296,7 +299,7 @@ def test_a_value_too_long_is_refused_by_the_array_insert_as_by_any(postgres_url:
             enrollment = _enrollment(s)
         too_long = store.new_row(Touch, **{**TOUCH, "enrollment_id": enrollment.id, "channel": "e" * 17})
         with pytest.raises(sa.exc.DataError, match="too long"), store.session(db) as s:
-            store.insert_all_unless_taken(s, [too_long], ("enrollment_id", "step_index", "iteration"))
+            store.insert_all_unless_taken(s, [too_long], TOUCH_KEY)
         with store.session(db) as s:
             assert s.exec(select(Touch)).all() == []
     finally:
@@ -314,16 +317,10 @@ def test_a_batchs_update_on_postgresql_sends_one_array_a_column(postgres_url: st
         if statement.startswith("UPDATE touch"):
             updates.append((statement, parameters))
 
-    key = ("enrollment_id", "step_index", "iteration")
     try:
         store.migrate(db)
         with store.session(db) as s:
-            enrollment = _enrollment(s)
-            rows = [
-                store.new_row(Touch, **{**TOUCH, "enrollment_id": enrollment.id, "step_index": n})
-                for n in range(4)
-            ]
-            store.insert_all_unless_taken(s, rows, key)
+            rows = _stored_touches(s, 4)
         sa.event.listen(db, "before_cursor_execute", executes)
         with store.session(db) as s:
             touches = s.exec(select(Touch).order_by(Touch.step_index)).all()  # type: ignore[arg-type]
@@ -381,12 +378,7 @@ def test_a_batchs_update_on_postgresql_sends_one_array_a_column(postgres_url: st
 
 def test_writing_a_row_gone_meanwhile_raises_and_a_row_given_twice_is_written_once(db: sa.Engine) -> None:
     with store.session(db) as s:
-        enrollment = _enrollment(s)
-        rows = [
-            store.new_row(Touch, **{**TOUCH, "enrollment_id": enrollment.id, "step_index": n})
-            for n in range(2)
-        ]
-        store.insert_all_unless_taken(s, rows, ("enrollment_id", "step_index", "iteration"))
+        _stored_touches(s, 2)
     with store.session(db) as s:
         first, second = s.exec(select(Touch).order_by(Touch.step_index)).all()  # type: ignore[arg-type]
         first.status = TouchStatus.sent
