@@ -221,11 +221,10 @@ def _update_by_arrays(
     if not _by_arrays(dialect, columns):
         return None
     quote = dialect.identifier_preparer.quote
-    arrays = ", ".join(f"%s::{_array_type(column.type, dialect)}[]" for column in columns)
     given = ", ".join(quote(column.name) for column in columns)
     sets = ", ".join(f"{quote(name)} = given.{quote(name)}" for name in names)
     sql = (
-        f"UPDATE {quote(table.name)} SET {sets} FROM unnest({arrays}) AS given({given}) "
+        f"UPDATE {quote(table.name)} SET {sets} FROM {_unnest(columns, dialect)} AS given({given}) "
         f"WHERE {quote(table.name)}.{quote('id')} = given.{quote('id')}"
     )
     return sql, _array_processors(columns, dialect)
@@ -265,10 +264,9 @@ def _insert_by_arrays(
     if not all(table.c[name].type.python_type in (int, str) for name in key):
         return None
     quote = dialect.identifier_preparer.quote
-    arrays = ", ".join(f"%s::{_array_type(column.type, dialect)}[]" for column in columns)
     sql = (
         f"INSERT INTO {quote(table.name)} ({', '.join(quote(column.name) for column in columns)}) "
-        f"SELECT * FROM unnest({arrays}) ON CONFLICT DO NOTHING "
+        f"SELECT * FROM {_unnest(columns, dialect)} ON CONFLICT DO NOTHING "
         f"RETURNING {quote('id')}, {', '.join(quote(name) for name in key)}"
     )
     return sql, _array_processors(columns, dialect)
@@ -278,6 +276,11 @@ def _by_arrays(dialect: sa.Dialect, columns: Sequence[sa.Column[Any]]) -> bool:
     """Whether statements of arrays may write these columns: on PostgreSQL, with no binary column, whose
     values `_array_literal` does not write."""
     return dialect.name == "postgresql" and not any(isinstance(c.type, sa.LargeBinary) for c in columns)
+
+
+def _unnest(columns: Sequence[sa.Column[Any]], dialect: sa.Dialect) -> str:
+    """The rows of a statement of arrays: `unnest` of one parameter a column, cast to its array type."""
+    return f"unnest({', '.join(f'%s::{_array_type(column.type, dialect)}[]' for column in columns)})"
 
 
 def _array_processors(columns: Sequence[sa.Column[Any]], dialect: sa.Dialect) -> list[tuple[int, Any]]:
@@ -298,7 +301,7 @@ def _arrays(columns: Sequence[Sequence[Any]], processors: list[tuple[int, Any]])
 def _array_literal(values: Sequence[Any]) -> str:
     """An array of `values` in PostgreSQL's text form: each value's text quoted, None as NULL; the element
     type's own input reads each, as it reads a parameter. psycopg makes the same of a list, but a value at a
-    time through its adapters: ten times the cost."""
+    time through its adapters: four to fifteen times the cost (integers, times, texts)."""
     return "{" + ",".join("NULL" if value is None else _array_element(value) for value in values) + "}"
 
 

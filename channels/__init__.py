@@ -190,8 +190,8 @@ def _write_unnamed(folder: Path, path: Path, data: bytes) -> bool:
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    """Write the whole of `data` to `fd` with the system's own calls: no file object, whose making costs a
-    message more than its write."""
+    """Write the whole of `data` to `fd` with the system's own calls: a file object would cost more to make
+    than a message costs to write."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
