@@ -34,6 +34,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -271,6 +272,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="seconds of warm-up before them")
     parser.add_argument("--profile", type=Path, help="folder for py-spy profiles of the measured runs")
     args = parser.parse_args()
+    if shutil.which("wrk") is None:  # before any server starts
+        parser.error("wrk not found on PATH; install it with: apt-get install -y wrk")
     load = Load(args.threads, args.connections, args.duration, args.warmup)
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
