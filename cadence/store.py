@@ -131,7 +131,7 @@ def insert_all_unless_taken(
     names = [column.name for column in table.columns if column.name != "id"]
     values = [_values(row, names) for row in unique.values()]
     connection = s.connection()
-    by_arrays = _insert_by_arrays(connection.dialect, table, key)
+    by_arrays = _insert_by_arrays(connection.dialect, table, key) if _arrays_read(connection) else None
     if by_arrays is not None:
         sql, processors = by_arrays
         returned: Any = connection.exec_driver_sql(
@@ -187,7 +187,7 @@ def _update_rows(
 ) -> int | None:
     """Write the columns `names` of rows given as (id, *values): the rows matched, or None where the driver
     cannot tell for a statement run with many rows' values."""
-    by_arrays = _update_by_arrays(connection.dialect, table, names)
+    by_arrays = _update_by_arrays(connection.dialect, table, names) if _arrays_read(connection) else None
     if by_arrays is not None:
         sql, processors = by_arrays
         return connection.exec_driver_sql(sql, _arrays(list(zip(*values, strict=True)), processors)).rowcount
@@ -278,6 +278,24 @@ def _by_arrays(dialect: sa.Dialect, columns: Sequence[sa.Column[Any]]) -> bool:
     return dialect.name == "postgresql" and not any(isinstance(c.type, sa.LargeBinary) for c in columns)
 
 
+#: Where a connection keeps whether its database reads arrays' nulls (see `_arrays_read`).
+_ARRAY_NULLS = "cadence.array_nulls"
+
+
+def _arrays_read(connection: sa.Connection) -> bool:
+    """Whether the database reads arrays as `_array_literal` writes them: PostgreSQL, unless `array_nulls`
+    is off (for the server, the database or the role), which reads an unquoted NULL as the text "NULL" and
+    so would write a null as that text, or refuse it in a column of another type. Asked once a connection;
+    without it, a batch's statements take the usual way, a value a parameter."""
+    if connection.dialect.name != "postgresql":
+        return False
+    known: bool | None = connection.info.get(_ARRAY_NULLS)
+    if known is None:
+        known = connection.exec_driver_sql("SHOW array_nulls").scalar() == "on"
+        connection.info[_ARRAY_NULLS] = known
+    return known
+
+
 def _unnest(columns: Sequence[sa.Column[Any]], dialect: sa.Dialect) -> str:
     """The rows of a statement of arrays: `unnest` of one parameter a column, cast to its array type."""
     return f"unnest({', '.join(f'%s::{_array_type(column.type, dialect)}[]' for column in columns)})"
@@ -312,10 +330,11 @@ def _array_element(value: Any) -> str:
 
 
 def _array_type(kind: sa.types.TypeEngine[Any], dialect: sa.Dialect) -> str:
-    """The type of a column's array: its own, but text for text of a bounded length, which an explicit cast
-    would cut short where the INSERT into the column refuses a value too long, as it does for any INSERT."""
+    """The type of a column's array: its own, but text for text of a bounded length (VARCHAR, CHAR), which
+    an explicit cast would cut short where the INSERT into the column refuses a value too long, as it does
+    for any INSERT."""
     name = kind.compile(dialect=dialect)
-    return "TEXT" if name.startswith("VARCHAR") else name
+    return "TEXT" if name.startswith(("VARCHAR", "CHAR", "NCHAR", "NVARCHAR")) else name
 
 
 def _to_array_value(kind: sa.types.TypeEngine[Any], dialect: sa.Dialect) -> Any:

@@ -306,6 +306,34 @@ def test_a_value_too_long_is_refused_by_the_array_insert_as_by_any(postgres_url:
         db.dispose()
 
 
+def test_text_of_a_fixed_length_too_long_is_refused_by_the_array_insert_not_cut(postgres_url: str) -> None:
+    """CHAR(n) as VARCHAR(n): the array is cast as text and the column refuses a longer value, where a cast
+    to the column's own type would cut it short without a word."""
+    table = sa.Table(
+        "coded",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("code", sa.CHAR(3), unique=True),
+    )
+    db = store.create_engine(postgres_url)
+    try:
+        table.create(db)
+        by_arrays = store._insert_by_arrays(db.dialect, table, ("code",))
+        assert by_arrays is not None
+        sql, processors = by_arrays
+        with db.begin() as connection:
+            connection.exec_driver_sql(sql, store._arrays([["abc", "de"]], processors))
+        with pytest.raises(sa.exc.DataError, match="too long"), db.begin() as connection:
+            connection.exec_driver_sql(sql, store._arrays([["abcdef"]], processors))
+        with db.connect() as connection:
+            assert connection.execute(sa.select(table.c.code).order_by(table.c.id)).scalars().all() == [
+                "abc",
+                "de ",
+            ]
+    finally:
+        db.dispose()
+
+
 def test_a_batchs_update_on_postgresql_sends_one_array_a_column(postgres_url: str) -> None:
     """On PostgreSQL each set of columns is written by one UPDATE joined to arrays of the ids and values:
     what is read back is what was given (NULLs, times in another zone, JSON, awkward text); a value too long
@@ -372,6 +400,42 @@ def test_a_batchs_update_on_postgresql_sends_one_array_a_column(postgres_url: st
         with store.session(db) as s:
             after = s.exec(select(Touch).order_by(Touch.step_index)).all()  # type: ignore[arg-type]
         assert [_columns(t) for t in after] == [_columns(t) for t in read]
+    finally:
+        db.dispose()
+
+
+def test_a_database_reading_arrays_nulls_as_text_gets_a_value_a_parameter(postgres_url: str) -> None:
+    """With `array_nulls` off, PostgreSQL reads an unquoted NULL in an array as the text "NULL": a batch's
+    insert and update then send no arrays, and a null is written as a null, not as that text."""
+    db = store.create_engine(postgres_url)
+    statements: list[str] = []
+
+    def executes(_c: Any, _cursor: Any, statement: str, _parameters: Any, _context: Any, _many: bool) -> None:
+        statements.append(statement)
+
+    try:
+        store.migrate(db)
+        with db.begin() as connection:
+            name = connection.exec_driver_sql("SELECT current_database()").scalar_one()
+            connection.exec_driver_sql(f'ALTER DATABASE "{name}" SET array_nulls = off')
+        db.dispose()  # new connections take the database's setting
+        sa.event.listen(db, "before_cursor_execute", executes)
+        with store.session(db) as s:
+            _stored_touches(s, 2)  # their nulls (variant, sending_at, ...) inserted
+        with store.session(db) as s:
+            touches = s.exec(select(Touch).order_by(Touch.step_index)).all()  # type: ignore[arg-type]
+            for touch in touches:
+                touch.status, touch.variant, touch.status_reason = TouchStatus.sent, None, None
+                touch.sending_at = NOW
+            store.update_all(s, touches)
+        assert not [statement for statement in statements if "unnest" in statement]
+        assert len([statement for statement in statements if statement == "SHOW array_nulls"]) == 1
+        with db.connect() as connection:
+            assert connection.exec_driver_sql("SHOW array_nulls").scalar() == "off"
+            read = connection.exec_driver_sql(
+                "SELECT status, variant, status_reason, sending_at FROM touch ORDER BY step_index"
+            ).all()
+        assert [tuple(row) for row in read] == [(TouchStatus.sent, None, None, NOW.replace(tzinfo=None))] * 2
     finally:
         db.dispose()
 
