@@ -13,6 +13,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cadence import __version__, logs
@@ -30,7 +31,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-_err = Console(stderr=True)
+#: Messages name files, folders and URLs: a line is never wrapped at the console's width (a path cut in two
+#: is found by neither grep nor a click), and nothing in it is coloured as a guess at what it is.
+_err = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
 def _settings() -> Settings:
@@ -52,7 +55,7 @@ def _service(settings: Settings) -> Any:
     try:
         return Service(settings)
     except RulesError as exc:
-        _err.print(f"[red]The rules in {settings.rules_dir} have errors; nothing was started.[/red]")
+        _err.print(f"[red]The rules in {escape(str(settings.rules_dir))} have errors; nothing was started.[/red]")
         for problem in exc.problems:
             _err.print(str(problem), markup=False, highlight=False)
         raise typer.Exit(2) from exc
@@ -163,7 +166,7 @@ def lint(
     targets = paths or [settings.rules_dir]
     missing = [str(p) for p in targets if not p.exists()]
     if missing:
-        _err.print(f"no such file or folder: {', '.join(missing)}")
+        _err.print(f"no such file or folder: {', '.join(missing)}", markup=False)
         raise typer.Exit(2)
     found = lint_report(targets, templates or settings.templates_dir)
     errors = sum(p.severity == "error" for p in found.problems)

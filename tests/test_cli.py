@@ -141,6 +141,32 @@ def test_lint_on_a_missing_path_is_an_error(runner: CliRunner, tmp_path: Path) -
     assert "nowhere.yaml" in result.output
 
 
+def test_an_error_gives_a_long_path_whole_on_one_line_brackets_and_all(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    """Not wrapped at the console's width, nor read as markup: the path can be copied or searched for."""
+    missing = tmp_path / ("a-folder-with-a-long-name-" * 5) / "[draft] nowhere.yaml"
+    result = invoke(runner, "lint", missing, "--templates", TEMPLATES)
+    assert result.exit_code == 2
+    assert result.output == f"no such file or folder: {missing}\n"
+
+
+def test_a_process_refusing_rules_with_errors_names_their_folder_as_it_is(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    rules = tmp_path / ("rules-kept-in-a-folder-with-a-long-name-" * 3) / "[team] rules"
+    rules.mkdir(parents=True)
+    (rules / "broken.yaml").write_text("cadence: broken\nsteps: [\n", encoding="utf-8")
+    monkeypatch.setenv("RULES_DIR", str(rules))
+    monkeypatch.setenv("TEMPLATES_DIR", str(TEMPLATES))
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'cadence.db'}")
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # never reached: the rules come first
+    result = invoke(runner, "worker")
+    assert result.exit_code == 2
+    assert result.output.splitlines()[0] == f"The rules in {rules} have errors; nothing was started."
+    assert "broken.yaml" in result.output
+
+
 # --- simulate -------------------------------------------------------------------------------------------
 
 # Start Monday 28 Dec 2026 (midnight, so day 0 opens at 09:00). Business days in RU: 29 Dec = 1,
