@@ -55,7 +55,8 @@ def _service(settings: Settings) -> Any:
     try:
         return Service(settings)
     except RulesError as exc:
-        _err.print(f"[red]The rules in {escape(str(settings.rules_dir))} have errors; nothing was started.[/red]")
+        folder = escape(str(settings.rules_dir))
+        _err.print(f"[red]The rules in {folder} have errors; nothing was started.[/red]")
         for problem in exc.problems:
             _err.print(str(problem), markup=False, highlight=False)
         raise typer.Exit(2) from exc
