@@ -13,7 +13,6 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from cadence import __version__, logs
@@ -32,8 +31,9 @@ app = typer.Typer(
     add_completion=False,
 )
 #: Messages name files, folders and URLs: a line is never wrapped at the console's width (a path cut in two
-#: is found by neither grep nor a click), and nothing in it is coloured as a guess at what it is.
-_err = Console(stderr=True, soft_wrap=True, highlight=False)
+#: is found by neither grep nor a click), nothing in it is coloured as a guess at what it is, and brackets in
+#: it are printed, not read as markup (a colour is given as a style).
+_err = Console(stderr=True, soft_wrap=True, highlight=False, markup=False)
 
 
 def _settings() -> Settings:
@@ -55,10 +55,9 @@ def _service(settings: Settings) -> Any:
     try:
         return Service(settings)
     except RulesError as exc:
-        folder = escape(str(settings.rules_dir))
-        _err.print(f"[red]The rules in {folder} have errors; nothing was started.[/red]")
+        _err.print(f"The rules in {settings.rules_dir} have errors; nothing was started.", style="red")
         for problem in exc.problems:
-            _err.print(str(problem), markup=False, highlight=False)
+            _err.print(str(problem))
         raise typer.Exit(2) from exc
 
 
@@ -167,7 +166,7 @@ def lint(
     targets = paths or [settings.rules_dir]
     missing = [str(p) for p in targets if not p.exists()]
     if missing:
-        _err.print(f"no such file or folder: {', '.join(missing)}", markup=False)
+        _err.print(f"no such file or folder: {', '.join(missing)}")
         raise typer.Exit(2)
     found = lint_report(targets, templates or settings.templates_dir)
     errors = sum(p.severity == "error" for p in found.problems)
@@ -347,7 +346,7 @@ def schema(
         print(text, end="")
         return
     output.write_text(text, encoding="utf-8")
-    _err.print(f"wrote {output}", markup=False, highlight=False)
+    _err.print(f"wrote {output}")
 
 
 rules_app = typer.Typer(
@@ -377,7 +376,7 @@ def _load_folders(folders: list[Path], templates: Path, output: str, after: str)
     """Each folder's rule set; any problem in any of them is printed, with all the others, and exits 2."""
     missing = [str(f) for f in folders if not f.is_dir()]
     if missing:
-        _err.print(f"no such folder: {', '.join(missing)}", markup=False, highlight=False)
+        _err.print(f"no such folder: {', '.join(missing)}")
         raise typer.Exit(2)
     loaded, problems = [], []
     for folder in folders:
@@ -466,7 +465,7 @@ def rules_diff(
             # A stored version the language no longer reads: the enrollments on it cannot run either.
             _invalid(exc.problems, output, "a version in the database does not load")
         except sa.exc.SQLAlchemyError as exc:
-            _err.print(f"cannot read the database: {exc}", markup=False, highlight=False)
+            _err.print(f"cannot read the database: {exc}")
             raise typer.Exit(2) from exc
         finally:
             db.dispose()
@@ -476,7 +475,7 @@ def rules_diff(
         print(json.dumps(found.as_dict(), indent=2, ensure_ascii=False))
     else:
         if against_db:
-            _err.print("against the cadence versions in the database (which holds no policy)", soft_wrap=True)
+            _err.print("against the cadence versions in the database (which holds no policy)")
         _print_diff(found.as_dict())
     if found.differs:
         raise typer.Exit(1)
@@ -527,12 +526,12 @@ def rules_reload(
             problem = _refusal(exc.read())
         if exc.code == 422 and problem.get("problems"):
             _invalid([Problem(**p) for p in problem["problems"]], "text", "the server keeps the rules it has")
-        _err.print(f"{base}: {exc.code} {problem.get('message', exc.reason)}", markup=False, highlight=False)
+        _err.print(f"{base}: {exc.code} {problem.get('message', exc.reason)}")
         raise typer.Exit(1) from exc
     except (urllib.error.URLError, OSError) as exc:
-        _err.print(f"cannot reach {base}: {exc}", markup=False, highlight=False)
+        _err.print(f"cannot reach {base}: {exc}")
         raise typer.Exit(1) from exc
-    _err.print(f"{base} reloaded {settings.rules_dir}", markup=False, highlight=False)
+    _err.print(f"{base} reloaded {settings.rules_dir}")
     _print_diff(found)
 
 
@@ -560,7 +559,7 @@ def print_batch(
         pdf, manifest, count = build_batch(settings.outbox_dir, when)
     except NoLetters as exc:
         hint = "" if settings.letter_provider == "batch" else " (letters go there with LETTER_PROVIDER=batch)"
-        _err.print(f"{exc}{hint}", markup=False, highlight=False)
+        _err.print(f"{exc}{hint}")
         raise typer.Exit(1) from exc
     print(f"{count} letter(s) for {when.isoformat()}")
     print(f"PDF: {pdf}")
@@ -591,8 +590,8 @@ def keys_create(
         key, secret = keys.create(db, name, role, owner, datetime.now(UTC))
     except keys.BadKey as exc:
         raise typer.BadParameter(str(exc), param_hint=f"--{exc.field}") from exc
-    _err.print(f"key {key.id} ({key.role}{f', {key.owner}' if key.owner else ''}): {key.name}", markup=False)
-    _err.print("The secret, shown only now; send it as Authorization: Bearer <secret>", markup=False)
+    _err.print(f"key {key.id} ({key.role}{f', {key.owner}' if key.owner else ''}): {key.name}")
+    _err.print("The secret, shown only now; send it as Authorization: Bearer <secret>")
     print(secret)
 
 
@@ -632,7 +631,7 @@ def keys_revoke(
     store.migrate(db)
     key = keys.revoke(db, key_id, datetime.now(UTC))
     if key is None:
-        _err.print(f"no key {key_id}", markup=False)
+        _err.print(f"no key {key_id}")
         raise typer.Exit(1)
     print(f"key {key.id} revoked at {key.revoked_at.isoformat() if key.revoked_at else ''}")
 
