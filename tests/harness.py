@@ -29,6 +29,12 @@ REPO = Path(__file__).resolve().parent.parent
 MONDAY = datetime(2026, 11, 23, 6, 0, tzinfo=UTC)
 
 
+def array_ids(array: str) -> list[int]:
+    """The ids in an array of integers in PostgreSQL's text form (`{"1","2"}`), as the store's statements of
+    arrays send them."""
+    return [int(element.strip('"')) for element in array.strip("{}").split(",")]
+
+
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "database_url": f"sqlite:///{tmp_path / 'cadence.db'}",

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from harness import REPO, Harness, deal_event, make_settings, start_harness
+from harness import REPO, Harness, array_ids, deal_event, make_settings, start_harness
 from sqlmodel import Session, col, select
 
 from cadence import broker as brokers
@@ -148,8 +148,8 @@ def test_a_batch_takes_one_transaction_whatever_its_size(harness: Harness) -> No
         if statement.startswith("UPDATE touch"):
             # The touch's id is the WHERE's parameter, the last of each row's on SQLite; PostgreSQL's one
             # statement has an array a column, the ids first.
-            if "unnest" in statement:  # PostgreSQL's text form of an array: {"1","2"}
-                written.extend(int(element.strip('"')) for element in parameters[0].strip("{}").split(","))
+            if "unnest" in statement:
+                written.extend(array_ids(parameters[0]))
             else:
                 written.extend(row[-1] for row in (parameters if many else [parameters]))
 

@@ -10,6 +10,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
+from harness import array_ids
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import SQLModel, select
@@ -35,11 +36,6 @@ TASK = {
     "script": "# Call",
     "created_at": NOW,
 }
-
-
-def _ids(array: str) -> list[int]:
-    """The ids in an array of integers in PostgreSQL's text form, as a statement of arrays sends them."""
-    return [int(element.strip('"')) for element in array.strip("{}").split(",")]
 
 
 def _columns(row: SQLModel) -> dict[str, Any]:
@@ -362,7 +358,7 @@ def test_a_batchs_update_on_postgresql_sends_one_array_a_column(postgres_url: st
             store.update_all(s, touches[:3], ("attempts",))
         # Two sets of columns (all set, the last row's variant too): the ids, and each column's values.
         assert [statement.count("unnest") for statement, _ in updates] == [1, 1]
-        assert sorted((len(parameters), _ids(parameters[0])) for _, parameters in updates) == [
+        assert sorted((len(parameters), array_ids(parameters[0])) for _, parameters in updates) == [
             (6, [touches[0].id, touches[1].id]),
             (7, [touches[2].id]),
         ]
